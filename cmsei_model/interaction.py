@@ -1,0 +1,125 @@
+"""Inter-modal interactive attention between the words and the regions of each pair.
+
+Shape shorthand: B images, c captions in the current chunk, k regions, n words, d features.
+
+Per image-caption pair, with cosine scores s_ij = cos(w_i, v_j) and temperature lambda:
+
+    word i:   a_ij = softmax_j(lambda s_ij),  context t_i = sum_j a_ij v_j
+    region j: b_ji = softmax_i(lambda s_ij),  context u_j = sum_i b_ji w_i
+    gated fusion of x with its context y:
+        g = sigmoid(G_x x + G_y y + b_g),  h = tanh(U_x x + U_y y + b_u)
+        x' = l2norm(x + g * h)
+
+Words and regions have separate fusion weights. G_y and U_y have no bias, so G_y t_i equals
+sum_j a_ij G_y v_j: the context projections are applied once per region or word and the
+per-pair work is only the attention itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from cmsei_model.alignment import l2_normalize, masked_softmax
+
+logger = logging.getLogger(__name__)
+
+
+class GatedFusion(nn.Module):
+    """Residual gated fusion of a feature with its attended context.
+
+    Args:
+        embed_dim: d.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.gate_self = nn.Linear(embed_dim, embed_dim)
+        self.gate_context = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.update_self = nn.Linear(embed_dim, embed_dim)
+        self.update_context = nn.Linear(embed_dim, embed_dim, bias=False)
+
+    def self_terms(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (..., 2d) gate and update terms of the features themselves."""
+        return torch.cat([self.gate_self(features), self.update_self(features)], dim=-1)
+
+    def context_terms(self, features: torch.Tensor) -> torch.Tensor:
+        """Return (..., 2d) gate and update terms of features used as context (linear, no bias)."""
+        return torch.cat([self.gate_context(features), self.update_context(features)], dim=-1)
+
+    def fuse(
+        self, features: torch.Tensor, self_terms: torch.Tensor, attended_terms: torch.Tensor
+    ) -> torch.Tensor:
+        """Combine features with the attention-weighted context terms.
+
+        Args:
+            features: (..., d) unit-norm features x.
+            self_terms: `self_terms(features)`, (..., 2d).
+            attended_terms: attention-weighted sum of `context_terms` of the other side, (..., 2d).
+
+        Returns:
+            (..., d) unit-norm fused features; the leading dims broadcast.
+        """
+        gate_x, update_x = self_terms.chunk(2, dim=-1)
+        gate_y, update_y = attended_terms.chunk(2, dim=-1)
+        gate = torch.sigmoid(gate_x + gate_y)
+        update = torch.tanh(update_x + update_y)
+        return l2_normalize(features + gate * update)
+
+
+class InteractiveAttention(nn.Module):
+    """Word-to-region and region-to-word attention with gated fusion, per pair.
+
+    Args:
+        embed_dim: d.
+        temperature: inverse softmax temperature lambda over cosine scores.
+    """
+
+    def __init__(self, embed_dim: int, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.word_fusion = GatedFusion(embed_dim)
+        self.region_fusion = GatedFusion(embed_dim)
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        region_mask: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refine the words and regions of every image-caption pair.
+
+        Args:
+            regions: (B, k, d) unit-norm region features.
+            region_mask: (B, k) bool, True for real regions.
+            words: (c, n, d) unit-norm word features.
+            word_mask: (c, n) bool, True for real words.
+
+        Returns:
+            refined words (B, c, n, d) and refined regions (B, c, k, d), unit-norm. Entries at
+            padded positions are meaningless.
+        """
+        cosine = torch.einsum("cnd,bkd->bcnk", words, regions)
+
+        word_attention = masked_softmax(
+            self.temperature * cosine, region_mask[:, None, None, :]
+        )
+        region_context = self.word_fusion.context_terms(regions)
+        attended_by_words = torch.matmul(word_attention, region_context[:, None])
+        refined_words = self.word_fusion.fuse(
+            words[None], self.word_fusion.self_terms(words)[None], attended_by_words
+        )
+
+        region_attention = masked_softmax(
+            self.temperature * cosine.transpose(-1, -2), word_mask[None, :, None, :]
+        )
+        word_context = self.region_fusion.context_terms(words)
+        attended_by_regions = torch.matmul(region_attention, word_context[None])
+        refined_regions = self.region_fusion.fuse(
+            regions[:, None], self.region_fusion.self_terms(regions)[:, None], attended_by_regions
+        )
+
+        return refined_words, refined_regions
