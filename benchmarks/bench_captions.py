@@ -44,53 +44,80 @@ class Measurement:
     """Throughput and yield of one parser over the measured captions."""
 
     name: str
-    captions: int
-    seconds: float
-    load_seconds: float
-    with_relation: int
-    relations: int
-    objects: int
+    captions: int = 0
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    with_relation: int = 0
+    relations: int = 0
+    objects: int = 0
 
     @property
     def captions_per_second(self) -> float:
         return self.captions / self.seconds
 
-
-def measure_cmsei(texts: list[str], model: str, batch_size: int) -> Measurement:
-    """Parse every caption with CaptionParser.parse_many and count the relations found."""
-    started = time.perf_counter()
-    parser = CaptionParser(model, batch_size=batch_size)
-    list(parser.parse_many(texts[:WARMUP_CAPTIONS]))
-    load_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    parses = list(parser.parse_many(texts))
-    seconds = time.perf_counter() - started
-    return Measurement("cmsei CaptionParser (nlp.pipe)", len(texts), seconds, load_seconds,
-                       sum(1 for parse in parses if parse.relations), sum(len(parse.relations) for parse in parses),
-                       sum(len(parse.objects) for parse in parses))
+    def add(self, seconds: float, relation_counts: list[int], object_count: int) -> None:
+        """Add the figures of one timed chunk of captions."""
+        self.captions += len(relation_counts)
+        self.seconds += seconds
+        self.with_relation += sum(1 for count in relation_counts if count)
+        self.relations += sum(relation_counts)
+        self.objects += object_count
 
 
-def measure_scene_graph_parser(texts: list[str], model: str) -> Measurement:
-    """Parse every caption with one SceneGraphParser.parse call each and count the relations found."""
-    import sng_parser
+class CmseiRunner:
+    """CaptionParser.parse_many over each chunk, in nlp.pipe batches."""
 
-    started = time.perf_counter()
-    parser = sng_parser.Parser("spacy", model=model)
-    for text in texts[:WARMUP_CAPTIONS]:
-        parser.parse(text)
-    load_seconds = time.perf_counter() - started
+    def __init__(self, model: str, batch_size: int, warmup: list[str]) -> None:
+        started = time.perf_counter()
+        self.parser = CaptionParser(model, batch_size=batch_size)
+        list(self.parser.parse_many(warmup))
+        self.result = Measurement("cmsei CaptionParser (nlp.pipe)", load_seconds=time.perf_counter() - started)
 
-    started = time.perf_counter()
-    graphs = [parser.parse(text) for text in texts]
-    seconds = time.perf_counter() - started
-    return Measurement("SceneGraphParser (parse per caption)", len(texts), seconds, load_seconds,
-                       sum(1 for graph in graphs if graph["relations"]), sum(len(graph["relations"]) for graph in graphs),
-                       sum(len(graph["entities"]) for graph in graphs))
+    def run(self, texts: list[str]) -> None:
+        started = time.perf_counter()
+        parses = list(self.parser.parse_many(texts))
+        seconds = time.perf_counter() - started
+        self.result.add(seconds, [len(parse.relations) for parse in parses], sum(len(p.objects) for p in parses))
+
+
+class SceneGraphRunner:
+    """SceneGraphParser.parse once per caption, as its API offers."""
+
+    def __init__(self, model: str, warmup: list[str]) -> None:
+        import sng_parser
+
+        started = time.perf_counter()
+        self.parser = sng_parser.Parser("spacy", model=model)
+        for text in warmup:
+            self.parser.parse(text)
+        self.result = Measurement("SceneGraphParser (parse per caption)", load_seconds=time.perf_counter() - started)
+
+    def run(self, texts: list[str]) -> None:
+        started = time.perf_counter()
+        graphs = [self.parser.parse(text) for text in texts]
+        seconds = time.perf_counter() - started
+        self.result.add(seconds, [len(graph["relations"]) for graph in graphs],
+                        sum(len(graph["entities"]) for graph in graphs))
+
+
+def measure(texts: list[str], model: str, batch_size: int, chunk_size: int) -> list[Measurement]:
+    """Time both parsers on the same captions, alternating chunk by chunk.
+
+    Alternating spreads the load of other processes on a shared machine over both parsers,
+    so the ratio of their throughputs is steadier than with one long run each.
+    """
+    warmup = texts[:WARMUP_CAPTIONS]
+    runners = [CmseiRunner(model, batch_size, warmup), SceneGraphRunner(model, warmup)]
+    for start in range(0, len(texts), chunk_size):
+        chunk = texts[start:start + chunk_size]
+        for runner in runners:
+            runner.run(chunk)
+        logger.info("parsed %d of %d captions with both parsers", start + len(chunk), len(texts))
+    return [runner.result for runner in runners]
 
 
 def format_report(results: list[Measurement], captions_path: Path, read_seconds: float, total: int,
-                  model: str, command: str) -> str:
+                  model: str, command: str, chunk_size: int, load_averages: tuple[float, float]) -> str:
     """Render the measurements as a Markdown page."""
     cmsei, baseline = results
     lines = [
@@ -103,7 +130,10 @@ def format_report(results: list[Measurement], captions_path: Path, read_seconds:
         f"- Machine: {platform.platform()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
         f"spaCy {spacy.__version__}, model `{model}`, one process.",
         "- Timed: parsing only, after loading the model and parsing "
-        f"{WARMUP_CAPTIONS} warm-up captions (load column).",
+        f"{WARMUP_CAPTIONS} warm-up captions (load column). The parsers alternate on chunks of "
+        f"{chunk_size:,} captions.",
+        f"- 1-minute load average of the machine: {load_averages[0]:.1f} at the start, {load_averages[1]:.1f} "
+        "at the end (other processes shared the CPUs).",
         "",
         "| parser | captions/s | seconds | load s | captions with >= 1 relation | relations | objects |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -146,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="parse only the first N captions with both parsers")
     parser.add_argument("--spacy-model", default=None, help="spaCy model for both parsers (default: CaptionParser's)")
     parser.add_argument("--batch-size", type=int, default=256, help="nlp.pipe batch size of CaptionParser")
+    parser.add_argument("--chunk-size", type=int, default=1000,
+                        help="captions per alternation between the two parsers")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown report to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.chunk_size < 1 or (args.limit is not None and args.limit < 1):
+        logger.error("--chunk-size and --limit must be at least 1")
+        return 2
     if not args.captions.is_file():
         logger.error("caption file not found: %s; set CMSEI_SAMPLE_DATA or pass --captions", args.captions)
         return 2
@@ -162,14 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         texts = texts[: args.limit]
 
-    logger.info("parsing %d captions with CaptionParser", len(texts))
-    cmsei = measure_cmsei(texts, model, args.batch_size)
-    logger.info("parsing %d captions with SceneGraphParser", len(texts))
-    baseline = measure_scene_graph_parser(texts, model)
+    load_at_start = os.getloadavg()[0]
+    results = measure(texts, model, args.batch_size, args.chunk_size)
+    load_averages = (load_at_start, os.getloadavg()[0])
 
     command = "python benchmarks/bench_captions.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report = format_report([cmsei, baseline], args.captions, read_seconds, len(table.records), model,
-                           command.strip())
+    report = format_report(results, args.captions, read_seconds, len(table.records), model, command.strip(),
+                           args.chunk_size, load_averages)
     sys.stdout.write(report)
     write_atomic(args.output, report)
     logger.info("wrote %s", args.output)

@@ -1,6 +1,6 @@
 """Fragment alignment: each word or region against its attended context, pooled per pair.
 
-Also holds the masked softmax, mean and normalisation helpers that the other modules share.
+Also contains the masked softmax, mean and normalisation helpers that the other modules share.
 
 Shape shorthand: B images, c captions in the current chunk, k regions, n words, d features.
 Pair tensors carry the leading dims (B, c). A side that does not depend on the pair is passed
@@ -19,9 +19,14 @@ logger = logging.getLogger(__name__)
 NORM_EPS = 1e-8
 
 
+def _floor(value: float, dtype: torch.dtype) -> float:
+    """Return `value`, raised to the smallest normal number of `dtype` where it would underflow."""
+    return max(value, torch.finfo(dtype).tiny)
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Scale each vector along the last dim to unit L2 norm (zero vectors stay zero)."""
-    return F.normalize(x, p=2.0, dim=-1, eps=NORM_EPS)
+    return F.normalize(x, p=2.0, dim=-1, eps=_floor(NORM_EPS, x.dtype))
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -99,7 +104,7 @@ def _context_cosine(
     """
     dot = (attention * cosine).sum(dim=-1)
     squared_norm = (torch.matmul(attention, gram) * attention).sum(dim=-1)
-    norm = squared_norm.clamp(min=NORM_EPS**2).sqrt()
+    norm = squared_norm.clamp(min=_floor(NORM_EPS**2, squared_norm.dtype)).sqrt()
     return dot / norm
 
 

@@ -1,4 +1,4 @@
-"""Recall@K evaluation of image-sentence retrieval, following the SCAN and VSE++ evaluation code.
+"""Recall@K evaluation of image-sentence retrieval, following SCAN's evaluation.py (kuanghuei/SCAN).
 
 Shape shorthand: N images, C = N * captions_per_image captions, caption c describes image
 c // captions_per_image.
@@ -55,7 +55,7 @@ def _validate_similarity(similarity: np.ndarray, captions_per_image: int) -> np.
             f"pass captions in image order, exactly {captions_per_image} per image"
         )
     if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
-        raise ValueError(f"similarity must hold real numbers, got dtype {scores.dtype}")
+        raise ValueError(f"similarity must contain real numbers, got dtype {scores.dtype}")
     if not np.isfinite(scores).all():
         bad = np.argwhere(~np.isfinite(scores))[:5].tolist()
         raise ValueError(f"similarity contains NaN or infinite values, first at (row, column) {bad}")
@@ -182,7 +182,7 @@ def coco_1k_folds(
 ) -> dict[str, float]:
     """Average `recall_metrics` over folds of `fold_size` images and their captions (COCO 1K).
 
-    Fold f holds images [f * fold_size, (f + 1) * fold_size) and their captions. The COCO 5K
+    Fold f contains images [f * fold_size, (f + 1) * fold_size) and their captions. The COCO 5K
     numbers are `recall_metrics` of the whole matrix.
 
     Args:

@@ -8,7 +8,7 @@ pairs on its diagonal. With margin alpha:
 
 All negatives: the loss is the sum of both costs over all negatives. Hardest negative
 (VSE++, Faghri et al. 2018): only the largest cost per image and per caption counts. The
-loss is summed over the batch, as in VSE++ and SCAN.
+loss is summed over the batch, as in the ContrastiveLoss of SCAN (kuanghuei/SCAN, model.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def triplet_ranking_loss(
 
     Args:
         similarity: (B, B) float scores, row i = image i, column j = caption j; the diagonal
-            holds the positive pairs.
+            contains the positive pairs.
         margin: hinge margin alpha, >= 0.
         hardest_negative: keep only the hardest negative per image and per caption instead of
             summing over all negatives.
@@ -76,8 +76,8 @@ def triplet_ranking_loss(
 def use_hardest_negative(epoch: int, warmup_epochs: int) -> bool:
     """Return whether epoch `epoch` (counted from 0) uses the hardest negative.
 
-    The first `warmup_epochs` epochs sum over all negatives, because the hardest negative
-    alone gives poor gradients while the embeddings are still random.
+    The first `warmup_epochs` epochs sum over all negatives, and every later epoch uses the
+    hardest negative.
     """
     return epoch >= warmup_epochs
 

@@ -212,6 +212,11 @@ class CMSEI(nn.Module):
         if self.config.validate_inputs:
             self._validate_images(features, region_mask, boxes_norm, spatial_labels)
 
+        # Zero the padding first: attention weights of 0 would still turn NaN padding into NaN.
+        padding = ~region_mask.unsqueeze(-1)
+        features = features.masked_fill(padding, 0.0)
+        if boxes_norm is not None:
+            boxes_norm = boxes_norm.masked_fill(padding, 0.0)
         regions = self.region_encoder(features, boxes_norm)
 
         if self.spatial_graph is not None:
@@ -286,6 +291,9 @@ class CMSEI(nn.Module):
 
         n_images = len(images)
         n_captions = len(captions)
+        if n_images == 0 or n_captions == 0:
+            return images.regions.new_zeros((n_images, n_captions))
+
         image_block = min(n_images, budget)
         caption_block = max(1, budget // max(image_block, 1))
 
@@ -319,7 +327,7 @@ class CMSEI(nn.Module):
         """Encode a batch of images and captions and return their (B, C) similarity.
 
         The arguments are those of `encode_images` and `encode_captions`. For training, pass
-        B matching pairs so that the diagonal holds the positives.
+        B matching pairs so that the diagonal contains the positives.
         """
         images = self.encode_images(
             features, region_mask, boxes_norm, spatial_labels, sg_edges, sg_predicates, sg_scores, sg_mask

@@ -143,8 +143,8 @@ class SemanticGraphReasoning(nn.Module):
 
         Args:
             regions: (B, k, d) unit-norm region features.
-            edges: (B, E, 2) long subject and object indices. Masked-out edges may hold any
-                value; they are clamped into range and send nothing.
+            edges: (B, E, 2) long subject and object indices. Masked-out edges may contain any
+                value, because they are replaced by index 0 and send nothing.
             predicates: (B, E) long predicate ids in [0, P).
             scores: (B, E) float edge scores.
             edge_mask: (B, E) bool, True for real edges.

@@ -208,8 +208,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def is_detectron2_layout(names: list[str]) -> bool:
-    """Tell whether a state dict uses detectron2 names (as opposed to native names)."""
-    markers = ("proposal_generator.", "roi_heads.box_predictor.", "backbone.stem.conv1.norm.")
+    """Tell whether a state dict uses detectron2 names rather than native or torchvision ones.
+
+    Only detectron2 has ``proposal_generator.*`` and norms nested in convolutions
+    (``*.conv1.norm.*``); ``roi_heads.box_predictor.*`` exists in torchvision too.
+    """
+    markers = ("proposal_generator.", "backbone.stem.conv1.norm.", "backbone.res2.0.conv1.norm.")
     return any(name.startswith(markers) for name in names)
 
 
@@ -297,7 +301,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, config: dict,
 
     unexpected: list[str] = []
     layout = "native"
-    if is_detectron2_layout(list(state)):
+    if config["architecture"] == "c4" and is_detectron2_layout(list(state)):
         layout = "detectron2"
         state, unexpected = map_state_dict(state, model, config)
         _fill_running_stats(state, expected)

@@ -31,19 +31,24 @@ coordinates for example, although rounding moves it by a few units in the last p
   ``DIRECTION_TOLERANCE`` times the diagonal counts as 0, so the pair lies on that
   sector boundary and gets the sector that starts there;
 - centres closer than 4 times that tolerance count as coincident;
+- box i lies within box j when its area exceeds their intersection by at most that
+  tolerance times the diagonal times i's shorter side, so i may stick out of j by
+  about the tolerance;
 - an IoU or centre distance within a relative ``THRESHOLD_TOLERANCE`` of its threshold
   counts as on the threshold (IoU 0.5 is overlap, half the diagonal is too far).
 
-Containment compares coordinates exactly, because equal coordinates stay equal under
-any rescaling. No angle is computed: the direction comes from four sign tests.
+No angle is computed: the direction comes from four sign tests. Every test gives
+exactly opposite results for (i, j) and (j, i), so the inverse property is exact.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 logger = logging.getLogger(__name__)
 
@@ -84,30 +89,27 @@ _SAME_CENTER_SQUARED = 4.0**2
 # power of two maps a tiebreak into (-1, 1) exactly.
 _TIEBREAK_SCALE = 2.0 ** -math.ceil(math.log2(4.0 * MAX_DIAGONALS_FROM_ORIGIN / DIRECTION_TOLERANCE))
 
-# Pairs per vectorised chunk, a compromise between per-call overhead and cache size,
-# measured on an AMD EPYC core with 2 MiB of L2 cache.
-_PAIRS_PER_CHUNK = 1 << 17
+# Pairs computed per vectorised chunk, a compromise between per-call overhead and
+# cache size, measured on an AMD EPYC core with 2 MiB of L2 cache. Chunks have at least
+# 16 images because the inner loops of the pair arithmetic run along the image axis.
+_PAIRS_PER_CHUNK = 1 << 16
+_MIN_IMAGES_PER_CHUNK = 16
 
 
 def _build_label_table() -> np.ndarray:
     """Build the table from an 8-bit pair code to its label.
 
-    Code bits, high to low: the direction bits a, b, c and d of ``_pair_codes``, centres
-    near, i within j, j within i, IoU >= 0.5 or same centre. The direction bits say on
-    which side of the lines y = 0, x = 0, y = x and y = -x the vector from i's centre to
-    j's centre points, with each boundary ray given to the sector that starts there.
-    Eight of the 16 direction codes cannot occur, so they map to ``none``.
+    Code bits, high to low: the direction bits a, c, d and b of ``_pair_codes``, centres
+    near, i within j, j within i, IoU >= 0.5 or same centre. The direction bits record
+    whether the vector from i's centre to j's centre points to the upper side of the
+    lines y = 0 (a), y = x (c) and y = -x (d), or to the right of x = 0 (b). Each
+    boundary ray belongs to the sector that starts there. Eight of the 16 direction
+    codes cannot occur, so they map to ``none``.
     """
-    sector_of_direction_bits = {
-        0b1101: 0,
-        0b1111: 1,
-        0b1011: 2,
-        0b1010: 3,
-        0b0010: 4,
-        0b0000: 5,
-        0b0100: 6,
-        0b0101: 7,
-    }
+    # (a, b, c, d) of each sector [0, 45), [45, 90), ..., [315, 360).
+    sector_bits = [(1, 1, 0, 1), (1, 1, 1, 1), (1, 0, 1, 1), (1, 0, 1, 0), (0, 0, 1, 0), (0, 0, 0, 0), (0, 1, 0, 0), (0, 1, 0, 1)]
+    sector_of_direction = {a << 3 | c << 2 | d << 1 | b: sector for sector, (a, b, c, d) in enumerate(sector_bits)}
+
     table = np.zeros(256, dtype=np.uint8)
     for code in range(256):
         direction, near = code >> 4, (code >> 3) & 1
@@ -120,12 +122,14 @@ def _build_label_table() -> np.ndarray:
             table[code] = COVER
         elif overlaps:
             table[code] = OVERLAP
-        elif near and direction in sector_of_direction_bits:
-            table[code] = FIRST_DIRECTION + sector_of_direction_bits[direction]
+        elif near and direction in sector_of_direction:
+            table[code] = FIRST_DIRECTION + sector_of_direction[direction]
     return table
 
 
 _LABEL_TABLE = _build_label_table()
+# Label of the pair (j, i) for the code of the pair (i, j).
+_REVERSE_LABEL_TABLE = INVERSE_RELATION[_LABEL_TABLE]
 
 
 def relation_labels(
@@ -150,11 +154,12 @@ def relation_labels(
         ``RELATION_NAMES``, 0 on the diagonal.
 
     Raises:
-        ValueError: when ``boxes`` is not (N, 4) or contains NaN or infinity, when the
-            image size or ``min_size`` is not positive and finite, when ``min_size`` is
-            half the image or more (normalised boxes with the pixel default), or when
-            a box lies more than 8 image diagonals from the image origin (usually pixel
-            boxes paired with a normalised image size).
+        ValueError: when ``boxes`` is not (N, 4) or contains NaN or infinity, or when
+            the image size or ``min_size`` is not positive and finite. Also when
+            ``min_size`` is half the image or more, which usually means normalised
+            boxes with the pixel default. Also when a box lies more than 8 image
+            diagonals from the image origin, which usually means pixel boxes with a
+            normalised image size.
     """
     boxes = _as_box_array(boxes)
     sizes = np.asarray(image_size, dtype=np.float64).reshape(1, -1)
@@ -191,8 +196,9 @@ def relation_labels_batch(
 
     Raises:
         ValueError: on an invalid array shape, offsets that do not match ``boxes``,
-            NaN or infinite values, a size that is not positive, a ``min_size`` of half
-            an image or more, or a box more than 8 image diagonals from its image origin.
+            NaN or infinite values, or a size that is not positive. Also on a
+            ``min_size`` of half an image or more, and on a box more than 8 image
+            diagonals from its image origin.
     """
     boxes = _as_box_array(boxes)
     offsets = _as_offsets(offsets, boxes.shape[0])
@@ -301,15 +307,16 @@ def _box_attributes(
     offsets in units of DIRECTION_TOLERANCE * diagonal.
 
     Returns:
-        (R, 8) float64 in the order of ``_ATTRIBUTE_NAMES``.
+        (8, R) float64 in the order of ``_ATTRIBUTE_NAMES``.
     """
-    x1, y1 = boxes[:, 0], boxes[:, 1]
-    x2 = np.maximum(boxes[:, 2], x1 + min_size)
-    y2 = np.maximum(boxes[:, 3], y1 + min_size)
+    coordinates = np.ascontiguousarray(boxes.T)
+    x1, y1, x2, y2 = coordinates
+    np.maximum(x2, x1 + min_size, out=x2)
+    np.maximum(y2, y1 + min_size, out=y2)
 
     diagonals = np.hypot(image_sizes[:, 0], image_sizes[:, 1])
     box_diagonals = np.repeat(diagonals, np.diff(offsets))
-    farthest = np.abs(np.stack([x1, y1, x2, y2], axis=1)).max(axis=1)
+    farthest = np.maximum(np.maximum(np.abs(x1), np.abs(y1)), np.maximum(np.abs(x2), np.abs(y2)))
     outside = farthest > MAX_DIAGONALS_FROM_ORIGIN * box_diagonals
     if outside.any():
         row = int(np.flatnonzero(outside)[0])
@@ -320,25 +327,18 @@ def _box_attributes(
             f"{image_sizes[image].tolist()}; check that boxes and image size use the same units"
         )
 
-    # An intersection of at least containment_area means that the box sticks out of
-    # the other by less than DIRECTION_TOLERANCE * diagonal on every side.
+    attributes = np.empty((len(_ATTRIBUTE_NAMES), boxes.shape[0]))
+    attributes[:4] = coordinates
     width, height = x2 - x1, y2 - y1
     area = width * height
-    containment_area = area - DIRECTION_TOLERANCE * box_diagonals * np.minimum(width, height)
+    # An intersection of at least containment_area means that the box sticks out of
+    # the other by less than DIRECTION_TOLERANCE * diagonal on every side.
+    attributes[4] = area - DIRECTION_TOLERANCE * box_diagonals * np.minimum(width, height)
+    attributes[5] = area * (1.0 - THRESHOLD_TOLERANCE)
     units = 1.0 / (2.0 * DIRECTION_TOLERANCE * box_diagonals)
-    return np.stack(
-        [
-            x1,
-            y1,
-            x2,
-            y2,
-            containment_area,
-            area * (1.0 - THRESHOLD_TOLERANCE),
-            (x1 + x2) * units,
-            -(y1 + y2) * units,
-        ],
-        axis=1,
-    )
+    attributes[6] = (x1 + x2) * units
+    attributes[7] = -(y1 + y2) * units
+    return attributes
 
 
 def _label_images_of_size(
@@ -349,70 +349,103 @@ def _label_images_of_size(
     labels: np.ndarray,
     label_offsets: np.ndarray,
 ) -> None:
-    """Write the labels of ``images``, which all have ``count`` regions, into ``labels``."""
-    images_per_chunk = max(1, _PAIRS_PER_CHUNK // (count * count))
-    buffers = _PairBuffers(count, min(images_per_chunk, images.shape[0]))
-    region_steps = np.arange(count)
+    """Write the labels of ``images``, which all have ``count`` regions, into ``labels``.
+
+    Only about half of the ordered pairs are computed: the pairs (i, (i + s) mod R_m)
+    for the shifts s = 1..floor(R_m / 2), which contain every unordered pair at least
+    once. The objects of shift s are the regions rolled by s, a strided view of the
+    region attributes written twice in a row, so no pair array is gathered. The
+    reverse labels come from the same codes through ``_REVERSE_LABEL_TABLE``.
+    """
+    shifts = count // 2
+    forward, reverse = _shifted_pair_rows(count)
+    images_per_chunk = max(_MIN_IMAGES_PER_CHUNK, _PAIRS_PER_CHUNK // (shifts * count))
+    buffers = _ShiftBuffers(count, min(images_per_chunk, images.shape[0]))
     label_steps = np.arange(count * count)
 
     for start in range(0, images.shape[0], images_per_chunk):
         chunk = images[start : start + images_per_chunk]
+        size = chunk.shape[0]
+        regions = buffers.regions[:, :, :size]
+        square = buffers.square[:, :size]
+        chunk_labels = buffers.labels[:, :, :size]
 
-        # (8, R_m, B): attribute, region, image, so that the inner loops of the pair
-        # arithmetic run along the image axis.
-        rows = offsets[chunk][None, :] + region_steps[:, None]
-        chunk_attributes = np.ascontiguousarray(attributes[rows].transpose(2, 0, 1))
+        # (8, 2 * R_m, B): attribute, region (all regions twice), image.
+        np.take(attributes, np.arange(count)[:, None] + offsets[chunk][None, :], axis=1, out=regions[:, :count])
+        regions[:, count:] = regions[:, :count]
+        step_attribute, step_region, step_image = regions.strides
+        objects = as_strided(
+            regions[:, 1:],
+            shape=(len(_ATTRIBUTE_NAMES), shifts, count, size),
+            strides=(step_attribute, step_region, step_region, step_image),
+            writeable=False,
+        )
+        codes = _pair_codes(regions[:, None, :count], objects, [array[:, :, :size] for array in buffers.scratch])
 
-        codes = _pair_codes(chunk_attributes, buffers.view(chunk.shape[0]))
-        chunk_labels = np.take(_LABEL_TABLE, codes, mode="clip")
-        chunk_labels.reshape(count * count, -1)[:: count + 1] = NONE
-        per_image = chunk_labels.transpose(2, 0, 1).reshape(chunk.shape[0], -1)
+        # Rows of the diagonal pairs are never written, so they stay NONE.
+        np.take(_LABEL_TABLE, codes, out=chunk_labels, mode="clip")
+        square[forward] = chunk_labels.reshape(shifts * count, size)
+        np.take(_REVERSE_LABEL_TABLE, codes, out=chunk_labels, mode="clip")
+        square[reverse] = chunk_labels.reshape(shifts * count, size)
 
-        if chunk[-1] - chunk[0] == chunk.shape[0] - 1:
-            labels[label_offsets[chunk[0]] : label_offsets[chunk[-1] + 1]] = per_image.reshape(-1)
+        if chunk[-1] - chunk[0] == size - 1:
+            target = labels[label_offsets[chunk[0]] : label_offsets[chunk[-1] + 1]]
+            target.reshape(size, count * count)[...] = square.T
         else:
-            labels[label_offsets[chunk][:, None] + label_steps[None, :]] = per_image
+            labels[label_offsets[chunk][:, None] + label_steps[None, :]] = square.T
 
 
-class _PairBuffers:
-    """Scratch arrays of shape (R_m, R_m, B) reused across the chunks of one region count."""
+@functools.lru_cache(maxsize=256)
+def _shifted_pair_rows(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the rows i * R_m + j of the pairs (i, j) and (j, i) for shift-major (s, i).
+
+    Here j = (i + s) mod R_m for the shifts s = 1..floor(R_m / 2), both arrays of
+    length floor(R_m / 2) * R_m.
+    """
+    shifts = count // 2
+    subject_rows = np.tile(np.arange(count), shifts)
+    object_rows = (subject_rows + np.repeat(np.arange(1, shifts + 1), count)) % count
+    return subject_rows * count + object_rows, object_rows * count + subject_rows
+
+
+class _ShiftBuffers:
+    """Arrays for chunks of up to ``images`` images with ``count`` regions, reused across chunks.
+
+    Fresh large arrays cost a page fault per page, so every step writes into these.
+    """
 
     def __init__(self, count: int, images: int) -> None:
-        shape = (count, count, images)
-        self.floats = [np.empty(shape) for _ in range(5)]
-        self.flags = [np.empty(shape, dtype=bool) for _ in range(3)]
-        self.code = np.empty(shape, dtype=np.uint8)
+        shape = (count // 2, count, images)
+        self.regions = np.empty((len(_ATTRIBUTE_NAMES), 2 * count, images))
+        floats = [np.empty(shape) for _ in range(5)]
+        flags = [np.empty(shape, dtype=bool) for _ in range(3)]
+        self.scratch = [*floats, *flags, np.empty(shape, dtype=np.uint8)]
+        self.labels = np.empty(shape, dtype=np.uint8)
+        self.square = np.zeros((count * count, images), dtype=np.uint8)
 
-    def view(self, images: int) -> tuple[np.ndarray, ...]:
-        arrays = [*self.floats, *self.flags, self.code]
-        return tuple(array[:, :, :images] for array in arrays)
 
-
-def _pair_codes(attributes: np.ndarray, buffers: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Compute the 8-bit code of every ordered pair, as ``_build_label_table`` reads it.
+def _pair_codes(subjects: np.ndarray, objects: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
+    """Compute the 8-bit code of each pair (i, j), as ``_build_label_table`` reads it.
 
     Args:
-        attributes: (8, R_m, B) float64 in the order of ``_ATTRIBUTE_NAMES``.
-        buffers: scratch arrays from ``_PairBuffers.view``, overwritten.
+        subjects: (8, ...) float64 attributes of box i in the order of
+            ``_ATTRIBUTE_NAMES``, each broadcastable to the pair shape.
+        objects: (8, ...) float64 attributes of box j, likewise.
+        buffers: nine scratch arrays of the pair shape (five float64, three bool, one
+            uint8), overwritten.
 
     Returns:
-        (R_m, R_m, B) uint8 codes, entry [i, j, b] for the pair (i, j) of image b.
-        The array is the last buffer, valid until its next use.
+        uint8 codes of the pair shape. The array is the last buffer, valid until its
+        next use.
     """
-    x1, y1, x2, y2, containment_area, relaxed_area, offset_x, offset_y = attributes
+    x1_i, y1_i, x2_i, y2_i, containment_area_i, relaxed_area_i, offset_x_i, offset_y_i = subjects
+    x1_j, y1_j, x2_j, y2_j, containment_area_j, relaxed_area_j, offset_x_j, offset_y_j = objects
     dx, dy, difference, total, tiebreak, flag, near, same_center, code = buffers
     flag_bits = flag.view(np.uint8)
 
-    def subject(values: np.ndarray) -> np.ndarray:
-        return values[:, None, :]
-
-    def object_(values: np.ndarray) -> np.ndarray:
-        return values[None, :, :]
-
-    # Centre offset from i to j in tolerance units. Every pair difference below is
-    # exactly antisymmetric, which makes the inverse property exact.
-    np.subtract(object_(offset_x), subject(offset_x), out=dx)
-    np.subtract(object_(offset_y), subject(offset_y), out=dy)
+    # Centre offset from i to j in tolerance units.
+    np.subtract(offset_x_j, offset_x_i, out=dx)
+    np.subtract(offset_y_j, offset_y_i, out=dy)
     np.multiply(dx, dx, out=difference)
     np.multiply(dy, dy, out=total)
     difference += total
@@ -427,45 +460,45 @@ def _pair_codes(attributes: np.ndarray, buffers: tuple[np.ndarray, ...]) -> np.n
 
     # Bit tests "primary > 0, or primary == 0 and tiebreak > 0" as primary > -tiebreak
     # scaled into (-1, 1), exact because the scale is a power of two. Primaries and
-    # tiebreaks are (dy, dx), (dx, -dy), (dy - dx, dx) and (dx + dy, dx).
+    # tiebreaks are (dy, dx) for a, (dy - dx, dx) for c, (dx + dy, dx) for d and
+    # (dx, -dy) for b.
     np.multiply(dx, -_TIEBREAK_SCALE, out=tiebreak)
     np.greater(dy, tiebreak, out=flag)
     code[...] = flag_bits
-    np.multiply(dy, _TIEBREAK_SCALE, out=tiebreak)
-    np.greater(dx, tiebreak, out=flag)
-    code += code
-    code |= flag_bits
-    np.multiply(dx, -_TIEBREAK_SCALE, out=tiebreak)
     for primary in (difference, total):
         np.greater(primary, tiebreak, out=flag)
         code += code
         code |= flag_bits
+    np.multiply(dy, _TIEBREAK_SCALE, out=tiebreak)
+    np.greater(dx, tiebreak, out=flag)
+    code += code
+    code |= flag_bits
     code += code
     code |= near.view(np.uint8)
 
     # Intersection area. Clamping the width at 0 is enough: a negative height then gives
     # an intersection <= 0, which fails every test below as a missing overlap should.
     intersection, scratch, height = dx, dy, difference
-    np.minimum(subject(x2), object_(x2), out=intersection)
-    np.maximum(subject(x1), object_(x1), out=scratch)
+    np.minimum(x2_i, x2_j, out=intersection)
+    np.maximum(x1_i, x1_j, out=scratch)
     intersection -= scratch
     np.maximum(intersection, 0.0, out=intersection)
-    np.minimum(subject(y2), object_(y2), out=height)
-    np.maximum(subject(y1), object_(y1), out=scratch)
+    np.minimum(y2_i, y2_j, out=height)
+    np.maximum(y1_i, y1_j, out=scratch)
     height -= scratch
     intersection *= height
 
     # Containment: the intersection reaches a box's area only when that box lies within
     # the other, because intersection sides never exceed the box's own sides.
-    np.greater_equal(intersection, subject(containment_area), out=flag)
+    np.greater_equal(intersection, containment_area_i, out=flag)
     code += code
     code |= flag_bits
-    np.greater_equal(intersection, object_(containment_area), out=flag)
+    np.greater_equal(intersection, containment_area_j, out=flag)
     code += code
     code |= flag_bits
 
     # IoU >= 0.5 is 3 * intersection >= area_i + area_j; coincident centres count too.
-    np.add(subject(relaxed_area), object_(relaxed_area), out=scratch)
+    np.add(relaxed_area_i, relaxed_area_j, out=scratch)
     intersection *= 3.0
     np.greater_equal(intersection, scratch, out=flag)
     flag |= same_center

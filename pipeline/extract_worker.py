@@ -141,10 +141,8 @@ class ExtractionWorker:
             pending = self._submit_decodes(task, start + window, window)
             decoded = [future.result() for future in current]
             outcomes = self._extract_window(task, start, decoded)
-            done = sum(1 for outcome in outcomes if not isinstance(outcome, str))
             for offset, outcome in enumerate(outcomes):
                 yield task.image_ids[start + offset], outcome
-            self.progress.add.remote(task.shard_index, done, len(outcomes) - done)
 
     def _submit_decodes(self, task: ShardTask, start: int, window: int) -> list[Future]:
         from extractors.images import decode_image
@@ -165,10 +163,15 @@ class ExtractionWorker:
                 outcomes[offset] = reason
             else:
                 ready.append((offset, item, boxes))
+        if len(ready) < len(decoded):
+            self.progress.add.remote(task.shard_index, 0, len(decoded) - len(ready))
 
         for batch in _aspect_batches(ready, self.settings.batch_size):
-            for offset, outcome in zip([b[0] for b in batch], self._extract_batch(batch)):
+            batch_outcomes = self._extract_batch(batch)
+            for (offset, _, _), outcome in zip(batch, batch_outcomes):
                 outcomes[offset] = outcome
+            failed = sum(1 for outcome in batch_outcomes if isinstance(outcome, str))
+            self.progress.add.remote(task.shard_index, len(batch) - failed, failed)
         return outcomes
 
     def _extract_batch(self, batch: list[tuple[int, Any, np.ndarray | None]]) -> list[Any]:

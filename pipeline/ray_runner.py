@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -140,7 +141,9 @@ def run_tasks(
     slots = [_Slot(actor) for actor in actors]
     started = time.monotonic()
 
-    with tqdm(total=total_items, desc=description, unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
+    interactive = sys.stderr.isatty()
+    with tqdm(total=total_items, desc=description, unit="img", dynamic_ncols=True,
+              mininterval=0.5 if interactive else 10.0) as bar:
         while queue or any(slot.ref is not None for slot in slots):
             _fill_slots(slots, queue, submit, key, attempts)
             refs = [slot.ref for slot in slots if slot.ref is not None]
@@ -196,8 +199,10 @@ def _short_error(error: Exception) -> str:
 
 
 def _update_bar(bar: tqdm, progress: Any, started: float) -> None:
+    """Move the bar to the workers' count; tqdm's mininterval rate-limits the output."""
     done, failed = ray.get(progress.snapshot.remote())
-    bar.n = done
+    if done + failed == bar.n:
+        return
     elapsed = max(time.monotonic() - started, 1e-9)
-    bar.set_postfix(failed=failed, img_per_s=f"{done / elapsed:.2f}", refresh=False)
-    bar.refresh()
+    bar.set_postfix(failed=failed, img_per_s=f"{(done + failed) / elapsed:.2f}", refresh=False)
+    bar.update(done + failed - bar.n)

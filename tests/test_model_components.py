@@ -28,6 +28,16 @@ SMALL = {
 FLAGS = ("spatial_graph", "semantic_graph", "interaction", "cross_level", "box_geometry")
 
 
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
+    slow these tests down many times over."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 def small_config(**overrides) -> CMSEIConfig:
     return CMSEIConfig(**{**SMALL, **overrides})
 
@@ -82,15 +92,16 @@ def score(model: CMSEI, images: dict, captions: dict, **kwargs) -> torch.Tensor:
 
 
 def pad_images(images: dict, extra_regions: int, extra_edges: int, seed: int) -> dict:
-    """Append padded regions and edges filled with random values that must not matter."""
+    """Append padded regions (random or NaN features) and edges whose values must not matter."""
     generator = torch.Generator().manual_seed(seed)
     n_images, k = images["region_mask"].shape
     n_edges = images["sg_edges"].shape[1]
     new_k = k + extra_regions
     new_e = n_edges + extra_edges
 
-    features = torch.randn(n_images, new_k, FEATURE_DIM, generator=generator, dtype=torch.float64)
+    features = torch.full((n_images, new_k, FEATURE_DIM), float("nan"), dtype=torch.float64)
     features[:, :k] = images["features"]
+    features[:, k] = torch.randn(n_images, FEATURE_DIM, generator=generator, dtype=torch.float64)
     region_mask = torch.zeros(n_images, new_k, dtype=torch.bool)
     region_mask[:, :k] = images["region_mask"]
     boxes = torch.rand(n_images, new_k, 4, generator=generator, dtype=torch.float64) * 3.0
@@ -193,6 +204,20 @@ def test_chunk_size_does_not_change_similarity(chunk):
     assert torch.allclose(reference, chunked, atol=1e-12)
 
 
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    results = []
+    for enabled in (False, True):
+        model = build_model(small_config(gradient_checkpointing=enabled, max_pairs_per_chunk=5))
+        loss = triplet_ranking_loss(score(model, make_images(4, 5, 4, seed=29), make_captions(4, 6, seed=30)))
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+
+    (plain_loss, plain_grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.allclose(plain_loss, checkpointed_loss, atol=1e-12)
+    for name, gradient in plain_grads.items():
+        assert torch.allclose(gradient, checkpointed_grads[name], atol=1e-10), name
+
+
 @pytest.mark.parametrize("flag", FLAGS)
 def test_ablation_flag_changes_similarity(flag):
     full = build_model(small_config())
@@ -214,6 +239,33 @@ def test_alignment_and_pooling_options_change_similarity():
     for change in ({"alignment": "t2i"}, {"alignment": "i2t"}, {"pooling": "mean"}):
         changed = score(build_model(small_config(**change)), images, captions)
         assert not torch.allclose(reference, changed), change
+
+
+def test_empty_sets_and_edgeless_graphs():
+    model = build_model(small_config())
+    images = model.encode_images(**make_images(2, 5, 0, seed=31))
+    captions = model.encode_captions(**make_captions(3, 4, seed=32))
+
+    assert model.similarity(images, captions).shape == (2, 3)
+    assert model.similarity(images.slice(0, 0), captions).shape == (0, 3)
+    assert model.similarity(images, captions.slice(0, 0)).shape == (2, 0)
+
+
+def test_bfloat16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = CMSEI(small_config(), VOCAB_SIZE)
+    images = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in make_images(3, 5, 4, seed=33).items()
+    }
+    captions = make_captions(4, 6, seed=34)
+    reference = score(model, images, captions)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = score(model, images, captions)
+
+    assert torch.isfinite(mixed).all()
+    assert torch.allclose(mixed.float(), reference, atol=0.05)
 
 
 def test_semantic_edges_below_threshold_are_ignored():
@@ -251,7 +303,10 @@ def test_baseline_config_runs_without_graph_inputs():
 
     assert config.alignment == "t2i"
     assert not any([config.spatial_graph, config.semantic_graph, config.interaction, config.cross_level])
-    assert model.spatial_graph is None and model.semantic_graph is None
+    assert model.spatial_graph is None
+    assert model.semantic_graph is None
+    assert model.interaction is None
+    assert model.cross_level is None
     assert similarity.shape == (2, 3)
 
 

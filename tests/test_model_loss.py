@@ -7,7 +7,7 @@ import torch
 
 from cmsei_model.loss import ContrastiveLoss, triplet_ranking_loss, use_hardest_negative
 
-# Rows are images, columns captions; the diagonal holds the positives 0.9, 0.7 and 0.4.
+# Rows are images and columns captions. The diagonal contains the positives 0.9, 0.7 and 0.4.
 HAND_MATRIX = torch.tensor(
     [
         [0.90, 0.50, 0.80],

@@ -19,6 +19,16 @@ VOCAB = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "man": 4, "wear": 5, 
 PREDICATES = ["__background__", "wear", "parked on", "in_front_of", "hovering"]
 
 
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
+    slow these tests down many times over."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 def sample_data_dir() -> Path:
     default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     return Path(os.environ.get("CMSEI_SAMPLE_DATA", default))

@@ -26,6 +26,16 @@ VOCAB_SIZE = FIRST_CONCEPT_WORD + N_CONCEPTS
 NUM_PREDICATES = 5
 
 
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
+    slow these tests down many times over."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 def make_task(combinations: list[tuple[int, ...]], seed: int) -> tuple[dict, dict]:
     """Build image and caption inputs for the given concept combinations, one caption each."""
     generator = torch.Generator().manual_seed(seed)

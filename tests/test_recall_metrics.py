@@ -211,7 +211,7 @@ def test_coco_1k_folds_average_diagonal_blocks():
     assert set(result) == set(fold_metrics[0])
 
 
-def test_coco_1k_folds_calls_function_for_diagonal_blocks_only():
+def test_coco_1k_folds_fetches_diagonal_blocks():
     matrix = np.random.default_rng(2).normal(size=(12, 36))
     requested = []
 

@@ -102,7 +102,7 @@ def read_tokens(doc) -> tuple[list[Token], TokenView]:
     strings = doc.vocab.strings
     rows = doc.to_array(TOKEN_ATTRIBUTES)
 
-    # HEAD holds the offset to the head as uint64, so negative offsets wrap around.
+    # HEAD contains the offset to the head as uint64, so negative offsets wrap around.
     heads = (rows[:, 5].astype(np.int64) + np.arange(count, dtype=np.int64)).tolist() if count else []
 
     tokens: list[Token] = []

@@ -121,7 +121,8 @@ def load_model(name: str) -> spacy.language.Language:
     try:
         nlp = spacy.load(name, exclude=list(UNUSED_PIPES))
     except OSError as error:
-        raise ModelNotFoundError(f"cannot load spaCy model {name!r}: {str(error).rstrip('.')}; {INSTALL_HINT}") from error
+        reason = str(error).rstrip(".")
+        raise ModelNotFoundError(f"cannot load spaCy model {name!r}: {reason}; {INSTALL_HINT}") from error
 
     if "parser" not in nlp.pipe_names:
         raise ValueError(f"spaCy model {name!r} has no dependency parser (pipes: {nlp.pipe_names}); "

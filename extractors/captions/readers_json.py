@@ -171,7 +171,7 @@ def read_jsonl(
             raise CaptionFormatError(f"{path}: {where} must be a JSON object, got {type(entry).__name__}")
         if image_column not in entry:
             raise CaptionFormatError(
-                f"{path}: {where} has no field {image_column!r}; pass image_column= with the key that holds "
+                f"{path}: {where} has no field {image_column!r}; pass image_column= with the key that contains "
                 f"the image id (keys found: {sorted(entry)})"
             )
         image_id = _require(entry, image_column, where, path, (str, int))
@@ -198,5 +198,5 @@ def _line_captions(entry: dict, where: str, path: str | os.PathLike, caption_col
 
     raise CaptionFormatError(
         f"{path}: {where} has neither a 'captions' list nor a {caption_column!r} field; pass caption_column= "
-        f"with the key that holds the caption (keys found: {sorted(entry)})"
+        f"with the key that contains the caption (keys found: {sorted(entry)})"
     )

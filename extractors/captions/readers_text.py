@@ -86,7 +86,7 @@ def read_scan(
     Consecutive groups of `captions_per_image` lines belong to one image. When
     `{split}_ids.txt` lies beside the file, it names the images: either one id per image, or
     one id per caption line. Without it the images get the ordinal ids "0", "1", ... and a
-    note says so. The split is the file name prefix ("testall" for testall_caps.txt). An
+    note records that. The split is the file name prefix ("testall" for testall_caps.txt). An
     empty line is skipped with a reason but still takes its caption position, so later
     lines stay with their images.
 
@@ -173,8 +173,7 @@ def read_csv(
             field count, unclosed quote).
     """
     builder = TableBuilder(path, "csv", max_chars)
-    lines = split_lines(text)
-    header = next((line for line in lines if line.strip()), "")
+    header = next((line for line in split_lines(text) if line.strip()), "")
     separator = csv_separator(path, header)
     quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL
 
@@ -203,9 +202,12 @@ def _add_csv_rows(frame: pd.DataFrame, image_column: str, caption_column: str, b
     image_position = frame.columns.get_loc(image_column)
     caption_position = frame.columns.get_loc(caption_column)
 
-    for row in rows:
+    for values in rows:
+        # With dtype=str and keep_default_na=False every field should be a str, missing ones "".
+        # Any other value (NaN from another pandas version) counts as an empty field.
+        row = [value if isinstance(value, str) else "" for value in values]
         row_line = line_number
-        line_number += 1 + sum(field.count("\n") for field in row if isinstance(field, str))
+        line_number += 1 + sum(field.count("\n") for field in row)
         if all(field == "" for field in row):
             continue
 

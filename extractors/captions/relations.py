@@ -6,11 +6,11 @@ Rules, applied to the dependency parse (spaCy ClearNLP-style labels):
 - passive with agent: "a frisbee is caught by a dog" gives (dog, catch, frisbee).
 - verb plus preposition: "a man riding on a bike" gives (man, ride on, bike).
 - noun plus preposition: "a man with a hat" gives (man, with, hat).
-- copula plus preposition: "a cat is on a bed" gives (cat, on, bed); the verb "be" is dropped.
+- copula plus preposition: "a cat is on a bed" gives (cat, on, bed). The verb "be" is dropped.
 - multi-word prepositions ("in front of", "next to", "on top of", ...) form the whole
   predicate, also after a verb: "a woman is waiting in front of a bus" gives
   (woman, in front of, bus).
-- the subject of a participle or relative clause is the noun it modifies; a participle
+- the subject of a participle or relative clause is the noun it modifies. A participle
   after a coordination ("a man and a woman riding horses") applies to every conjunct.
 - coordinated subjects and objects each get their own triple.
 
@@ -130,7 +130,7 @@ class RelationFinder:
         self._seen: set[tuple[int, str, int]] = set()
 
     def find(self) -> list[Relation]:
-        """Return every relation of the caption, in order of the predicate's first token."""
+        """Return every relation of the caption, in token order of the verb or preposition that triggers it."""
         view = self.view
         phrase_at = {match.start: match for match in self.phrases if match.relational}
         for index, dep in enumerate(view.deps):
@@ -187,8 +187,10 @@ class RelationFinder:
         """Return the objects a verb argument stands for, resolving a relative pronoun to its noun."""
         if token in self.object_of:
             return self.group(token)
+
         view = self.view
-        if view.lowers[token] in RELATIVE_PRONOUNS and view.deps[verb] == "relcl" and view.heads[verb] in self.object_of:
+        is_relative = view.lowers[token] in RELATIVE_PRONOUNS and view.deps[verb] == "relcl"
+        if is_relative and view.heads[verb] in self.object_of:
             return self.group(view.heads[verb])
         return []
 
@@ -256,7 +258,7 @@ class RelationFinder:
         """Return the subject objects of a verb (surface subject for passives).
 
         A relative pronoun subject ("a dog that is sitting") resolves to the noun the clause
-        modifies. A participle or relative clause without subject takes that noun; a
+        modifies. A participle or relative clause without subject takes that noun. A
         conjoined, xcomp or advcl verb without subject takes its head verb's subject.
         """
         view = self.view
@@ -277,8 +279,8 @@ class RelationFinder:
     def _participle_subjects(self, verb: int, noun: int) -> list[int]:
         """Return the nouns a participle applies to: every conjunct of its noun's coordination before it.
 
-        "a man and a woman riding horses" gives both nouns; in "a man wearing a hat and a
-        tie", "tie" follows the participle and is not a subject.
+        "a man and a woman riding horses" gives both nouns. In "a man wearing a hat and a
+        tie", the noun "tie" follows the participle and is no subject.
         """
         root = noun
         while self.view.deps[root] in COORDINATION_DEPS and self.view.heads[root] in self.object_of \

@@ -69,10 +69,10 @@ class Vocabulary:
                     raise TypeError(f"tokens must be str, got {type(token).__name__}: {token!r}")
                 counts[token.lower()] += 1
 
-        kept = sorted((word for word, count in counts.items() if count >= threshold and word not in SPECIAL_TOKENS),
-                      key=lambda word: (-counts[word], word))
+        frequent = [word for word, count in counts.items() if count >= threshold and word not in SPECIAL_TOKENS]
+        kept_words = sorted(frequent, key=lambda word: (-counts[word], word))
         mapping = {word: index for index, word in enumerate(SPECIAL_TOKENS)}
-        mapping.update((word, index) for index, word in enumerate(kept, start=len(SPECIAL_TOKENS)))
+        mapping.update((word, index) for index, word in enumerate(kept_words, start=len(SPECIAL_TOKENS)))
         logger.info("built vocabulary of %d words (%d distinct, threshold %d)", len(mapping), len(counts), threshold)
         return cls(mapping)
 

@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="dataset folder; shards go to OUT/regions/")
     parser.add_argument("--format", default="auto", choices=["auto", *IMPORT_FORMATS],
                         help="source format (default: auto, detected from the content)")
-    parser.add_argument("--split", help="SCAN split to import, e.g. test for test_ims.npy (needed when the folder holds several)")
+    parser.add_argument("--split", help="SCAN split to import, e.g. test for test_ims.npy (needed when the folder contains several)")
     parser.add_argument("--image-ext", default=".jpg",
                         help="appended to source ids without an image extension, so ids name the image files "
                         "(default: .jpg; pass '' to keep ids unchanged)")

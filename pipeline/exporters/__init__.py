@@ -62,7 +62,7 @@ class ExportOptions:
 
 @dataclass
 class ExportSummary:
-    """What one export run wrote."""
+    """Files and counts of one export run."""
 
     format: str
     files: list[str]
@@ -79,7 +79,7 @@ class ExportSummary:
 
 @dataclass(frozen=True)
 class StoredImage:
-    """Where an ok image lives in the region shards."""
+    """Location and region count of an ok image in the region shards."""
 
     shard: int
     row: int
@@ -185,9 +185,9 @@ def _read_images_file(path: Path, stored: dict[str, StoredImage]) -> list[str]:
         raise ValueError(f"{path} lists no image ids; write one id per line")
     missing = [image_id for image_id in ids if image_id not in stored]
     if missing:
-        shown = ", ".join(repr(image_id) for image_id in missing[:5])
+        examples = ", ".join(repr(image_id) for image_id in missing[:5])
         raise ValueError(
-            f"{len(missing)} ids in {path} are not ok images of the dataset (e.g. {shown}); "
+            f"{len(missing)} ids in {path} are not ok images of the dataset (e.g. {examples}); "
             "`cmsei-prep inspect` lists failed images, and ids are file names with extension"
         )
     return ids

@@ -5,9 +5,9 @@ Shapes: R regions of one image, D feature size.
 Both layouts are documented in :mod:`pipeline.importers.butd_tsv` and
 :mod:`pipeline.importers.lxmert_tsv`: one image per line, tab-separated, no header, arrays
 as base64 of raw little-endian bytes. Features are written as float32 whatever the
-stored dtype, ids as int64. Lines end in LF. The image id loses a trailing ``image_ext``
-(``COCO_train2014_000000132417.jpg`` is written as ``COCO_train2014_000000132417``), as
-the public files store ids without it; ``cmsei-prep import`` with the same
+stored dtype, ids as int64. Lines end in LF. The public files store ids without an
+extension, so a trailing ``image_ext`` is removed: ``COCO_train2014_000000132417.jpg`` is
+written as ``COCO_train2014_000000132417``. ``cmsei-prep import`` with the same
 ``--image-ext`` appends it back. The 6-column layout has no labels, so they are dropped.
 """
 

@@ -7,7 +7,7 @@ Every reader works in two passes so that memory stays bounded whatever the sourc
 decoding features), and :meth:`SourceReader.read` decodes one row into
 :class:`ImportedRegions`. A bad row raises :class:`RowError`, which the import stage
 records as a failed image with the code, the location and the message, for example
-``num-boxes-mismatch: line 7: num_boxes 36 but features hold 35 rows``.
+``num-boxes-mismatch: line 7: num_boxes 36 but field features contains 35 rows``.
 
 Formats (``IMPORT_FORMATS``): ``butd-tsv`` (6-column bottom-up-attention TSV),
 ``lxmert-tsv`` (10-column TSV with labels), ``scan`` (SCAN precomp ``{split}_ims.npy``
@@ -51,17 +51,18 @@ class RowError(Exception):
         return f"{self.code}: {where}: {self.message}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceRow:
-    """Where one image's data lives in the source, found by :meth:`SourceReader.index`.
+    """Location of one image's data in the source, found by :meth:`SourceReader.index`.
 
     Attributes:
         raw_id: the image id as the source writes it, before ``--image-ext`` or
             ``--id-template`` turn it into a dataset image id.
-        path: the file that holds the row.
+        path: the file that contains the row.
         where: the location used in failure reasons, e.g. ``line 7`` or ``row 12``.
         key: reader-specific locator (byte offset, array row, member name).
-        row: position of the row in the source, for ``{row}`` in ``--id-template``.
+        row: 0-based position of the row among the source's non-empty rows, for
+            ``{row}`` in ``--id-template``.
     """
 
     raw_id: str
@@ -76,8 +77,8 @@ class UnreadableRow:
     """A source row without a usable image id; it is listed as skipped in the index.
 
     Attributes:
-        label: stands in for the image id in the index, e.g. ``features.tsv:7``.
-        path: the file that holds the row.
+        label: replaces the image id in the index, e.g. ``features.tsv:7``.
+        path: the file that contains the row.
         reason: failure reason with code and location.
     """
 
@@ -88,7 +89,7 @@ class UnreadableRow:
 
 @dataclass
 class SourceIndex:
-    """What :meth:`SourceReader.index` found.
+    """Rows and facts found by :meth:`SourceReader.index`.
 
     Attributes:
         rows: every row with an image id, in source order.
@@ -142,7 +143,7 @@ class ImportedRegions:
         }
 
     def same_as(self, other: "ImportedRegions") -> bool:
-        """Return whether both hold the same size and bit-identical arrays."""
+        """Return whether both have the same image size and bit-identical arrays."""
         if tuple(self.image_size) != tuple(other.image_size):
             return False
         mine, theirs = self.columns(), other.columns()

@@ -92,12 +92,13 @@ class TsvReader(SourceReader):
                     continue
 
                 where = self._where(path, number)
+                position = len(rows) + len(unreadable)
                 raw_id, problem = _leading_id(line)
                 if problem:
                     unreadable.append(UnreadableRow(f"{path.name}:{number}", path, f"{problem}: {where}: {_ID_PROBLEMS[problem]}"))
                     continue
 
-                rows.append(SourceRow(raw_id, path, where, (file_index, start, len(line)), len(rows)))
+                rows.append(SourceRow(raw_id, path, where, (file_index, start, len(line)), position))
                 if len(probes) < FEATURE_DIM_PROBE_ROWS:
                     probe = self._probe_feature_dim(line)
                     if probe:
@@ -264,6 +265,6 @@ def decode_array(value: bytes, name: str, dtype: str, count: int, width: int | N
 
     rows = len(data) // row_bytes
     if rows != count:
-        raise RowError("num-boxes-mismatch", f"num_boxes {count} but field {name} holds {rows} rows")
+        raise RowError("num-boxes-mismatch", f"num_boxes {count} but field {name} contains {rows} rows")
     array = np.frombuffer(data, dtype=item)
     return array.reshape(count, width) if width else array

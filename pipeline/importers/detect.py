@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_PROBE_LINE_BYTES = 64 << 20
-"""Longest first line read for detection; a 100 x 2048 TSV row is about 1.1 MB."""
+"""Maximum length of the first line read for detection; a 100 x 2048 TSV row is about 1.1 MB."""
 
 MAX_PROBE_FILES = 8
 """Per-image files opened when a folder's first files are unreadable."""
@@ -37,7 +37,7 @@ def detect_format(source: str | Path) -> str:
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: the content matches no format; the message says what was found.
+        ValueError: the content matches no format; the message describes what was found.
     """
     path = Path(source)
     if not path.exists():

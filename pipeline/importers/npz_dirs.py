@@ -3,13 +3,13 @@
 Shapes: R regions of one image, D feature size, K object classes.
 
 ``butd-npz``: one ``np.savez_compressed`` file per image, as written by
-``utils/extract_utils.py`` of bottom-up-attention.pytorch (MILVLG): ``x`` (R, D) float32
-features, ``bbox`` (R, 4) float32 x1 y1 x2 y2 in pixels, ``num_bbox`` (must equal R),
-``image_h``, ``image_w``, and ``info``, a pickled dict with ``objects_id`` and
-``objects_conf`` (R,) and, from the attribute model, ``attrs_id`` and ``attrs_conf``.
-Its detectron2 variant stores ``objects`` and ``cls_prob`` (R, K) in ``info`` instead.
-The ids of the current bottom-up-attention.pytorch exclude the background class, so
-they are 0-based indices into ``objects_vocab.txt``.
+``utils/extract_utils.py`` of bottom-up-attention.pytorch (MILVLG). Its members are
+``x`` (R, D) float32 features, ``bbox`` (R, 4) float32 x1 y1 x2 y2 in pixels,
+``num_bbox`` (must equal R), ``image_h``, ``image_w`` and ``info``. ``info`` is a pickled
+dict with ``objects_id`` and ``objects_conf`` (R,), plus ``attrs_id`` and ``attrs_conf``
+from the attribute model. Its detectron2 variant stores ``objects`` and ``cls_prob``
+(R, K) in ``info`` instead. The current bottom-up-attention.pytorch drops the background
+column before the arg-max, so ids are 0-based indices into ``objects_vocab.txt``.
 
 ``mmf-npy``: ``NAME.npy`` (R, D) float32 features beside ``NAME_info.npy``, a pickled dict
 with ``bbox`` (R, 4), ``num_boxes``, ``objects`` (R,), ``cls_prob`` (R, K) or (R,),
@@ -120,10 +120,10 @@ def load_npy(stream: BinaryIO, allow_objects: bool = True) -> np.ndarray:
     shape, fortran_order, dtype = read_npy_header(stream)
     if dtype.hasobject:
         if not allow_objects:
-            raise ValueError("the file holds a pickled object array")
+            raise ValueError("the file contains a pickled object array, expected numbers")
         loaded = _ArrayUnpickler(stream, encoding="latin1").load()
         if not isinstance(loaded, np.ndarray):
-            raise ValueError(f"the pickle holds a {type(loaded).__name__}, expected an array")
+            raise ValueError(f"the pickle contains a {type(loaded).__name__}, expected an array")
         return loaded
 
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -142,7 +142,7 @@ def load_npy_file(path: Path, allow_objects: bool = True) -> np.ndarray:
 def load_info_dict(array: np.ndarray, name: str) -> dict[str, Any]:
     """Return the dict stored in a 0-d object array; raises RowError otherwise."""
     if array.shape != () or not array.dtype.hasobject or not isinstance(array.item(), dict):
-        raise RowError("invalid-info", f"{name} holds a {array.dtype} array of shape {array.shape}, expected a pickled dict")
+        raise RowError("invalid-info", f"{name} contains a {array.dtype} array of shape {array.shape}, expected a pickled dict")
     return array.item()
 
 
@@ -209,7 +209,7 @@ class _PerImageReader(SourceReader):
                 return int(shape[1])
         raise ValueError(
             f"cannot infer the feature size: none of the first {FEATURE_DIM_PROBE_FILES} files in {self.source} "
-            "holds a readable 2-D feature array; pass --feature-dim, or check --format"
+            "contains a readable 2-D feature array; pass --feature-dim, or check --format"
         )
 
     def feature_shape(self, path: Path) -> tuple[int, ...]:
@@ -321,6 +321,8 @@ def regions_with_info(
     regions = unlabelled_regions(size, boxes.astype(np.float32, copy=False), features)
     count = features.shape[0]
     object_ids = _first_present(info, ("objects_id", "objects"))
+    # NOTE: older bottom-up-attention.pytorch versions took the arg-max over the
+    # background column too, so their ids are one higher; nothing here detects that.
     if object_ids is not None:
         regions.object_ids = _label_ids(object_ids, "objects_id", count)
         regions.object_scores = _label_scores(info, ("objects_conf", "cls_prob"), regions.object_ids, count)
@@ -367,7 +369,7 @@ def _check_rows(array: np.ndarray, name: str, count: int, count_name: str) -> No
     if not np.issubdtype(array.dtype, np.floating):
         raise RowError("invalid-array", f"{name} has dtype {array.dtype}, expected floating point")
     if array.shape[0] != count:
-        raise RowError("num-boxes-mismatch", f"{count_name} is {count} but {name} holds {array.shape[0]} rows")
+        raise RowError("num-boxes-mismatch", f"{count_name} is {count} but {name} contains {array.shape[0]} rows")
 
 
 def _scalar_int(value: Any, name: str) -> int:

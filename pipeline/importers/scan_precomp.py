@@ -52,7 +52,7 @@ class MappedNpy:
         array: the mapped array; slicing it reads pages on demand.
 
     Raises:
-        ValueError: the file is an object array, Fortran-ordered or shorter than its header says.
+        ValueError: the file is an object array, Fortran-ordered or shorter than its header states.
     """
 
     def __init__(self, path: Path) -> None:
@@ -61,7 +61,7 @@ class MappedNpy:
             shape, fortran_order, dtype = read_npy_header(stream)
             offset = stream.tell()
         if dtype.hasobject:
-            raise ValueError(f"{self.path} holds a pickled object array, expected numbers")
+            raise ValueError(f"{self.path} contains a pickled object array, expected numbers")
         if fortran_order and len(shape) > 1:
             raise ValueError(f"{self.path} is stored in Fortran order; save it in C order (np.ascontiguousarray)")
 
@@ -72,10 +72,25 @@ class MappedNpy:
 
         self._file = open(self.path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._offset = offset
         self.array = np.ndarray(shape, dtype=dtype, buffer=self._map, offset=offset)
 
+    def copy_row(self, index: int, dtype: np.dtype | None = None) -> np.ndarray:
+        """Return a copy of ``array[index]`` and drop its pages from the resident set.
+
+        Without the drop, every page read stays mapped into this process until the
+        mapping closes, and the resident set grows to the size of the file.
+        """
+        row = np.array(self.array[index], dtype=dtype)
+        row_bytes = self.array[index].nbytes
+        if row_bytes and hasattr(mmap, "MADV_DONTNEED"):
+            start = self._offset + index * row_bytes
+            aligned = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, start + row_bytes - aligned)
+        return row
+
     def release_pages(self) -> None:
-        """Drop the mapped pages from this process's resident set; the page cache keeps them."""
+        """Drop all mapped pages from this process's resident set; the page cache keeps them."""
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
@@ -90,7 +105,7 @@ class ScanPrecompReader(SourceReader):
 
     Args:
         source: the precomp folder, or its ``{split}_ims.npy`` file.
-        split: split name, e.g. ``test``; may be None when the folder holds one split
+        split: split name, e.g. ``test``; may be None when the folder contains one split
             or ``source`` is the features file.
         feature_dim: expected D; None accepts the file's.
 
@@ -141,7 +156,7 @@ class ScanPrecompReader(SourceReader):
     def _check_features(self, array: np.ndarray) -> tuple[int, int, int]:
         if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
             raise ValueError(
-                f"{self.path(FEATURES_SUFFIX)} holds a {array.dtype} array of shape {array.shape}, "
+                f"{self.path(FEATURES_SUFFIX)} contains a {array.dtype} array of shape {array.shape}, "
                 "expected (images, regions, feature size) floats"
             )
         count, per_image, dim = (int(value) for value in array.shape)
@@ -191,11 +206,11 @@ class ScanPrecompReader(SourceReader):
     def read(self, row: SourceRow) -> ImportedRegions:
         """Copy one image's rows out of the mapped arrays."""
         index = row.key
-        features = np.array(self._features.array[index])
+        features = self._features.copy_row(index)
         self.bytes_read += features.nbytes
         if self._boxes is not None:
-            boxes = np.array(self._boxes.array[index], dtype=np.float32)
-            self.bytes_read += boxes.nbytes
+            boxes = self._boxes.copy_row(index, np.dtype(np.float32))
+            self.bytes_read += self._boxes.array[index].nbytes
         else:
             boxes = np.zeros((features.shape[0], 4), dtype=np.float32)
         size = (0, 0) if self._sizes is None else (int(self._sizes[index, 0]), int(self._sizes[index, 1]))
@@ -218,7 +233,7 @@ def resolve_split(source: Path, split: str | None) -> tuple[Path, str]:
 
     Raises:
         FileNotFoundError: the source or the split's features file does not exist.
-        ValueError: no split given while the folder holds several, or a contradiction.
+        ValueError: no split given while the folder contains several, or a contradiction.
     """
     if source.is_file():
         if not source.name.endswith(FEATURES_SUFFIX):
@@ -238,7 +253,7 @@ def resolve_split(source: Path, split: str | None) -> tuple[Path, str]:
     splits = list_splits(source)
     if len(splits) != 1:
         found = ", ".join(splits) if splits else f"no *{FEATURES_SUFFIX} file"
-        raise ValueError(f"{source} holds {found}; pass --split NAME to choose one")
+        raise ValueError(f"{source} contains {found}; pass --split NAME to choose one")
     return source, splits[0]
 
 
@@ -268,4 +283,4 @@ def image_sizes_array(loaded: np.ndarray, count: int, path: Path) -> np.ndarray:
         return sizes
     if loaded.shape == (count, 2) and np.issubdtype(loaded.dtype, np.number):
         return loaded.astype(np.int64)
-    raise ValueError(f"{path} holds a {loaded.dtype} array of shape {loaded.shape}, expected ({count},) dicts or ({count}, 2) sizes")
+    raise ValueError(f"{path} contains a {loaded.dtype} array of shape {loaded.shape}, expected ({count},) dicts or ({count}, 2) sizes")

@@ -16,8 +16,8 @@ at a time, each image decoded from its row on demand. Shards are published atomi
 and a rerun with the same source and options skips the shards that verify.
 
 A bad row becomes a failed image whose reason carries a code, the location and the
-message, e.g. ``num-boxes-mismatch: line 7: num_boxes 36 but field features holds 35
-rows``; the other rows import. Rows without a usable image id are listed as skipped.
+message, e.g. ``num-boxes-mismatch: line 7: num_boxes 36 but field features contains
+35 rows``; the other rows import. Rows without a usable image id are listed as skipped.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ INT32_MAX = np.iinfo(np.int32).max
 
 
 class FeatureImportError(ValueError):
-    """Invalid import options or an unusable source; the message says what to change."""
+    """Invalid import options or an unusable source; the message names the fix."""
 
 
 @dataclass
@@ -141,8 +141,17 @@ class ImportSummary:
 
 
 @dataclass
-class _Checks:
-    """What every decoded image is checked against."""
+class RegionChecks:
+    """Limits every decoded image is checked against.
+
+    Attributes:
+        feature_dim: D every image must have.
+        has_boxes: check image sizes and boxes; False for sources without boxes.
+        box_tolerance: pixels a box may reach beyond the image border.
+        num_objects, num_attributes: vocabulary sizes that bound the ids; None checks
+            only the int32 range.
+        feature_dtype: stored dtype, whose range the features must fit.
+    """
 
     feature_dim: int
     has_boxes: bool
@@ -159,7 +168,7 @@ def import_features(options: ImportOptions) -> ImportSummary:
         FileNotFoundError: a source or vocabulary file does not exist.
         ValueError: bad options, an undetectable format or a source that is unusable as
             a whole (a subclass names the problem and the fix).
-        pipeline.manifest.StageConflictError: the output holds a run over another source.
+        pipeline.manifest.StageConflictError: the output contains a run over another source.
     """
     started = time.monotonic()
     _check_options(options)
@@ -167,6 +176,8 @@ def import_features(options: ImportOptions) -> ImportSummary:
     object_names = read_vocabulary(options.objects_vocab) if options.objects_vocab else []
     attribute_names = read_vocabulary(options.attributes_vocab) if options.attributes_vocab else []
     format_name = resolve_format(options.format, sources)
+    if not object_names and format_name in LABELLED_FORMATS:
+        logger.warning("no --objects-vocab given: object ids are stored without class names")
 
     with open_reader(format_name, sources, options.split, options.feature_dim) as reader:
         index = reader.index()
@@ -177,25 +188,12 @@ def import_features(options: ImportOptions) -> ImportSummary:
         listing.source = ", ".join(str(source.resolve()) for source in sources)
         if not listing.entries:
             raise FeatureImportError(f"no rows with a usable image id in {listing.source} ({len(listing.skipped)} unreadable)")
-        if not object_names and format_name in LABELLED_FORMATS:
-            logger.warning("no --objects-vocab given: object ids are stored without class names")
 
         stage_dir = Path(options.out) / REGIONS
         config = _stage_config(options, format_name, index, template, split)
-        shard_ids = [
-            [entry.image_id for entry in listing.entries[start : start + options.shard_size]]
-            for start in range(0, len(listing.entries), options.shard_size)
-        ]
-        extra = {"source": listing.source, "format": format_name, "has_boxes": index.has_boxes,
-                 "shard_size": options.shard_size, "num_shards": len(shard_ids)}
-        prepare_stage(stage_dir, REGIONS, listing.listing_digest(), config, extra, options.overwrite)
-        write_listing(stage_dir, _listing_frame(listing, options.shard_size))
-        removed = remove_temporaries(stage_dir)
-        if removed:
-            logger.info("removed %d partial shard files of an interrupted run", len(removed))
-
-        checks = _Checks(index.feature_dim, index.has_boxes, options.box_tolerance,
-                         len(object_names) or None, len(attribute_names) or None, options.dtype)
+        shard_ids = _prepare_stage_dir(stage_dir, options, format_name, index, listing, config)
+        checks = RegionChecks(index.feature_dim, index.has_boxes, options.box_tolerance,
+                              len(object_names) or None, len(attribute_names) or None, options.dtype)
         writer_settings = {
             "feature_dim": index.feature_dim,
             "feature_dtype": options.dtype,
@@ -205,6 +203,7 @@ def import_features(options: ImportOptions) -> ImportSummary:
             "attribute_names": attribute_names,
             "compression": options.compression,
         }
+
         pending = [number for number, ids in enumerate(shard_ids) if not _shard_is_complete(stage_dir, number, ids)]
         logger.info("%d images in %d shards; %d shards to write", len(listing.entries), len(shard_ids), len(pending))
         failed_shards = _write_shards(reader, stage_dir, pending, shard_ids, groups, checks, writer_settings)
@@ -217,6 +216,26 @@ def import_features(options: ImportOptions) -> ImportSummary:
     write_json(stage_dir / "summary.json", summary.to_dict())
     _log_summary(summary)
     return summary
+
+
+def _prepare_stage_dir(
+    stage_dir: Path, options: ImportOptions, format_name: str, index: SourceIndex, listing: InputListing,
+    config: dict[str, Any],
+) -> list[list[str]]:
+    """Check or create the stage folder, store the listing, and return the image ids per shard."""
+    shard_ids = [
+        [entry.image_id for entry in listing.entries[start : start + options.shard_size]]
+        for start in range(0, len(listing.entries), options.shard_size)
+    ]
+    extra = {"source": listing.source, "format": format_name, "has_boxes": index.has_boxes,
+             "shard_size": options.shard_size, "num_shards": len(shard_ids)}
+    prepare_stage(stage_dir, REGIONS, listing.listing_digest(), config, extra, options.overwrite)
+    write_listing(stage_dir, _listing_frame(listing, options.shard_size))
+
+    removed = remove_temporaries(stage_dir)
+    if removed:
+        logger.info("removed %d partial shard files of an interrupted run", len(removed))
+    return shard_ids
 
 
 def _check_options(options: ImportOptions) -> None:
@@ -264,7 +283,7 @@ def resolve_format(requested: str, sources: list[Path]) -> str:
         kinds = sorted(set(detected.values()))
         if len(kinds) > 1:
             listed = ", ".join(f"{source.name}: {kind}" for source, kind in detected.items())
-            raise FeatureImportError(f"the sources hold different formats ({listed}); import them into separate dataset folders")
+            raise FeatureImportError(f"the sources are in different formats ({listed}); import them into separate dataset folders")
         found = kinds[0]
     if len(sources) > 1 and found not in TSV_FORMATS:
         raise FeatureImportError(f"format {found} reads one source, got {len(sources)}; only TSV formats accept several files")
@@ -392,7 +411,7 @@ def _write_shards(
     pending: list[int],
     shard_ids: list[list[str]],
     groups: dict[str, list[SourceRow]],
-    checks: _Checks,
+    checks: RegionChecks,
     writer_settings: dict[str, Any],
 ) -> dict[int, str]:
     """Write the pending shards one by one; return ``{shard: error}`` of those that failed."""
@@ -418,7 +437,7 @@ def _write_shard(
     shard_index: int,
     image_ids: list[str],
     groups: dict[str, list[SourceRow]],
-    checks: _Checks,
+    checks: RegionChecks,
     writer_settings: dict[str, Any],
 ) -> int:
     num_failed = 0
@@ -433,7 +452,7 @@ def _write_shard(
     return num_failed
 
 
-def load_image(reader: SourceReader, image_id: str, rows: list[SourceRow], checks: _Checks) -> ImportedRegions | str:
+def load_image(reader: SourceReader, image_id: str, rows: list[SourceRow], checks: RegionChecks) -> ImportedRegions | str:
     """Decode and check the rows of one image; return its regions or a failure reason.
 
     Several rows with one image id import once when their data are identical, and fail
@@ -467,7 +486,7 @@ def _join_places(rows: list[SourceRow]) -> str:
     return " and ".join(places) if len(places) == 2 else ", ".join(places)
 
 
-def check_regions(regions: ImportedRegions, checks: _Checks) -> None:
+def check_regions(regions: ImportedRegions, checks: RegionChecks) -> None:
     """Check one image's regions before they are stored.
 
     Raises:

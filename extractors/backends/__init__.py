@@ -1,0 +1,1 @@
+"""Alternative model implementations behind ``build_extractor(backend=...)``."""
