@@ -23,7 +23,6 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", 
     os.environ[_variable] = "1"
 
 import argparse
-import json
 import logging
 import math
 import platform
@@ -38,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graphs.spatial import relation_labels, relation_labels_batch  # noqa: E402
+from pipeline.atomic import write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    load_before = os.getloadavg()[0]
     results = [benchmark(regions, args.repeats, args.seed) for regions in (36, 100)]
+    load_after = os.getloadavg()[0]
     logger.info("machine: %s", machine_description())
     logger.info("command: %s", " ".join([Path(sys.executable).name, *sys.argv]))
+    logger.info("1-minute load average: %.1f at the start, %.1f at the end", load_before, load_after)
     logger.info("%s", markdown_table(results))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2) + "\n")
+        write_json(
+            args.json,
+            {"machine": machine_description(), "load_average": [load_before, load_after], "results": results},
+        )
     return 0
 
 

@@ -163,7 +163,7 @@ def _load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise WeightsError(
-            f"rejected weights file {path}: torch.load(weights_only=True) refused it "
+            f"rejected weights file {path}: torch.load(weights_only=True) raised "
             f"({error}); save the model's state_dict() instead of a pickled object"
         ) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
@@ -197,7 +197,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif path.suffix in (".pth", ".pt"):
         data = _load_torch(path)
     else:
-        raise WeightsError(f"unsupported weights file suffix {path.suffix!r} ({path}); use .pth or .pkl")
+        raise WeightsError(
+            f"unsupported weights file suffix {path.suffix!r} ({path}); use .pth or .pkl"
+        )
 
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         logger.info("reading weights from %s (author: %s)", path, data.get("__author__", "unknown"))
@@ -228,12 +230,16 @@ def _check_extras(extras: dict[str, torch.Tensor], model: nn.Module, config: dic
     for name, value in extras.items():
         if name in ("pixel_mean", "pixel_std"):
             expected = torch.tensor(config[name], dtype=torch.float32)
-            if value.numel() != 3 or not torch.allclose(value.float().flatten(), expected, atol=1e-3):
+            matches = value.numel() == 3 and torch.allclose(value.float().flatten(), expected,
+                                                            atol=1e-3)
+            if not matches:
                 logger.warning("checkpoint %s %s differs from the config's %s; the config is used",
                                name, value.flatten().tolist(), expected.tolist())
         elif hasattr(model, "rpn"):
             anchors = model.rpn.cell_anchors.cpu()
-            if value.shape != anchors.shape or not torch.allclose(value.float(), anchors, atol=1e-3):
+            matches = value.shape == anchors.shape and torch.allclose(value.float(), anchors,
+                                                                      atol=1e-3)
+            if not matches:
                 logger.warning("checkpoint %s do not match the anchors of anchor_sizes and "
                                "anchor_aspect_ratios in the config", name)
 

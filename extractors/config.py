@@ -166,7 +166,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"detector config {path} must be a YAML mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"detector config {path} must be a YAML mapping, got {type(data).__name__}"
+        )
     return data
 
 

@@ -171,4 +171,6 @@ def build_model(config: dict) -> nn.Module:
         from extractors.frcnn_fpn import TorchvisionFPNDetector
 
         return TorchvisionFPNDetector(config)
-    raise ValueError(f"unknown architecture {config['architecture']!r}; use 'c4' or 'torchvision_fpn'")
+    raise ValueError(
+        f"unknown architecture {config['architecture']!r}; use 'c4' or 'torchvision_fpn'"
+    )

@@ -24,7 +24,7 @@ from extractors.checkpoint import WeightsError, load_weights
 from extractors.config import load_config
 from extractors.detector import build_model
 from extractors.model_input import validate_images
-from extractors.vocab import label_names
+from extractors.detector_labels import label_names
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if match is None:
         raise ValueError(f"invalid device {text!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {text!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        raise ValueError(
+            f"device {text!r} requested but CUDA is not available; use 'cpu' or 'auto'"
+        )
     index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
         raise ValueError(
@@ -132,8 +134,8 @@ class RegionExtractor:
         Args:
             images: N RGB uint8 arrays (H_i, W_i, 3), upright.
             boxes: None to detect regions, or N float arrays (B_i, 4) of x1 y1 x2 y2 in
-                original pixels to pool at instead; they are stored unchanged and still
-                get object and attribute predictions.
+                original pixels to pool at instead. These boxes are stored unchanged and
+                still get object and attribute predictions.
 
         Returns:
             N dicts of numpy arrays with R_i rows: boxes float32 (R_i, 4), features

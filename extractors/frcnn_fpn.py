@@ -4,8 +4,8 @@ Shapes: N images, P_i proposals of image i, R_i stored regions, K = 90 COCO clas
 (torchvision's 91 outputs less background, "N/A" placeholders included), D = 1024.
 
 The model is built like ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``
-but with frozen batch norm, so that a state dict saved from the pretrained model loads
-as is; nothing is downloaded. Detection follows torchvision's post-processing with
+but with frozen batch norm, so a state dict saved from the pretrained model loads as is.
+Nothing is downloaded. Detection follows torchvision's post-processing with
 count clamping (``extractors.regions.select_detections``); the region feature is the
 box head's 1024-d output pooled at each final detection box.
 """
@@ -33,8 +33,12 @@ def coco_category_names() -> list[str]:
     return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
 
 
-def _ratios(resized: tuple[int, int], original: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Per-coordinate factors (4,) from original to resized pixels, as torchvision's resize_boxes."""
+def _ratios(resized: tuple[int, int], original: tuple[int, int],
+            device: torch.device) -> torch.Tensor:
+    """Return per-coordinate factors (4,) from original to resized pixels.
+
+    Each axis has its own ratio, as in torchvision's ``resize_boxes``.
+    """
     ratio_y = resized[0] / original[0]
     ratio_x = resized[1] / original[1]
     return torch.tensor([ratio_x, ratio_y, ratio_x, ratio_y], device=device)
@@ -85,8 +89,9 @@ class TorchvisionFPNDetector(nn.Module):
             tensors.append(tensor)
         return tensors
 
-    def _heads(self, features: dict, boxes: list[torch.Tensor],
-               image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, features: dict, boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]],
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pool at boxes and run the box head: features (R, 1024), logits, box regression."""
         roi_heads = self.model.roi_heads
         pooled = roi_heads.box_roi_pool(features, boxes, image_sizes)
         region = roi_heads.box_head(pooled)
@@ -146,8 +151,8 @@ class TorchvisionFPNDetector(nn.Module):
 
         Returns:
             N dicts of tensors, as ``C4Detector.extract_regions``. In detection mode the
-            stored boxes are the class-regressed detections, so class_boxes equals boxes;
-            attribute_ids are -1 and attribute_scores 0 because there is no attribute head.
+            stored boxes are the class-regressed detections, so class_boxes equals boxes.
+            There is no attribute head, so attribute_ids are -1 and attribute_scores 0.
         """
         device = next(self.parameters()).device
         image_list, _ = self.model.transform(self._image_tensors(images, device))

@@ -80,7 +80,8 @@ def clamp_count(confidence: torch.Tensor, conf_thresh: float, min_boxes: int, ma
     return order[:count]
 
 
-def select_butd_regions(boxes: torch.Tensor, class_probs: torch.Tensor, config: dict) -> torch.Tensor:
+def select_butd_regions(boxes: torch.Tensor, class_probs: torch.Tensor,
+                        config: dict) -> torch.Tensor:
     """Select proposals as the original bottom-up-attention extraction does.
 
     Args:

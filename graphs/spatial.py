@@ -90,10 +90,13 @@ _SAME_CENTER_SQUARED = 4.0**2
 _TIEBREAK_SCALE = 2.0 ** -math.ceil(math.log2(4.0 * MAX_DIAGONALS_FROM_ORIGIN / DIRECTION_TOLERANCE))
 
 # Pairs computed per vectorised chunk, a compromise between per-call overhead and
-# cache size, measured on an AMD EPYC core with 2 MiB of L2 cache. Chunks have at least
-# 16 images because the inner loops of the pair arithmetic run along the image axis.
+# cache size, measured on an AMD EPYC core with 2 MiB of L2 cache. The inner loops of
+# the pair arithmetic run along the image axis, so chunks have at least 16 images. The
+# exception is an image so large that 16 of them would exceed the maximum pair count,
+# which bounds scratch memory at about 45 bytes per pair.
 _PAIRS_PER_CHUNK = 1 << 16
 _MIN_IMAGES_PER_CHUNK = 16
+_MAX_PAIRS_PER_CHUNK = 1 << 20
 
 
 def _build_label_table() -> np.ndarray:
@@ -332,7 +335,7 @@ def _box_attributes(
     width, height = x2 - x1, y2 - y1
     area = width * height
     # An intersection of at least containment_area means that the box sticks out of
-    # the other by less than DIRECTION_TOLERANCE * diagonal on every side.
+    # the other by about DIRECTION_TOLERANCE * diagonal at most.
     attributes[4] = area - DIRECTION_TOLERANCE * box_diagonals * np.minimum(width, height)
     attributes[5] = area * (1.0 - THRESHOLD_TOLERANCE)
     units = 1.0 / (2.0 * DIRECTION_TOLERANCE * box_diagonals)
@@ -359,7 +362,12 @@ def _label_images_of_size(
     """
     shifts = count // 2
     forward, reverse = _shifted_pair_rows(count)
-    images_per_chunk = max(_MIN_IMAGES_PER_CHUNK, _PAIRS_PER_CHUNK // (shifts * count))
+    pairs_per_image = shifts * count
+    images_per_chunk = max(
+        _PAIRS_PER_CHUNK // pairs_per_image,
+        min(_MIN_IMAGES_PER_CHUNK, _MAX_PAIRS_PER_CHUNK // pairs_per_image),
+        1,
+    )
     buffers = _ShiftBuffers(count, min(images_per_chunk, images.shape[0]))
     label_steps = np.arange(count * count)
 
@@ -488,8 +496,8 @@ def _pair_codes(subjects: np.ndarray, objects: np.ndarray, buffers: list[np.ndar
     height -= scratch
     intersection *= height
 
-    # Containment: the intersection reaches a box's area only when that box lies within
-    # the other, because intersection sides never exceed the box's own sides.
+    # Containment: the intersection comes within the tolerance of a box's area only when
+    # that box lies within the other, because intersection sides never exceed its sides.
     np.greater_equal(intersection, containment_area_i, out=flag)
     code += code
     code |= flag_bits

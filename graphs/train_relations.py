@@ -159,6 +159,8 @@ def train_relation_predictor(
     """
     _check_training_settings(epochs, lr, negative_ratio, images_per_batch)
     start = time.perf_counter()
+    # NOTE: only the CPU path has been run. On CUDA, index backward passes are not
+    # deterministic, so runs with the same seed may differ slightly.
     device = resolve_device(device)
     num_predicates = len(predicate_names)
     images = [
@@ -369,13 +371,21 @@ def _prepare_sample(
     count = features.shape[0] if features.ndim == 2 else -1
     if count < 0 or (feature_dim is not None and features.shape[1] != feature_dim):
         raise ValueError(f"sample {index}: features must have shape (R, {feature_dim or 'D'}), got {tuple(features.shape)}")
-    object_ids = torch.as_tensor(np.asarray(sample["object_ids"]).astype(np.int64))
+    raw_object_ids = np.asarray(sample["object_ids"])
+    raw_relations = np.asarray(sample["relations"])
+    if raw_relations.size == 0:
+        raw_relations = np.zeros((0, 3), dtype=np.int64)
+    object_ids = torch.as_tensor(raw_object_ids.astype(np.int64))
     boxes = torch.as_tensor(np.asarray(sample["boxes"], dtype=np.float32))
     image_size = torch.as_tensor(np.asarray(sample["image_size"], dtype=np.float32))
-    relations = torch.as_tensor(np.asarray(sample["relations"]).astype(np.int64).reshape(-1, 3))
+    relations = torch.as_tensor(raw_relations.astype(np.int64))
 
     problem = None
-    if tuple(object_ids.shape) != (count,):
+    if raw_object_ids.size and not np.issubdtype(raw_object_ids.dtype, np.integer):
+        problem = f"object_ids must be integers, got dtype {raw_object_ids.dtype}"
+    elif raw_relations.ndim != 2 or raw_relations.shape[1] != 3 or not np.issubdtype(raw_relations.dtype, np.integer):
+        problem = f"relations must be (T, 3) integers, got dtype {raw_relations.dtype} shape {raw_relations.shape}"
+    elif tuple(object_ids.shape) != (count,):
         problem = f"object_ids must have shape ({count},), got {tuple(object_ids.shape)}"
     elif tuple(boxes.shape) != (count, 4):
         problem = f"boxes must have shape ({count}, 4), got {tuple(boxes.shape)}"

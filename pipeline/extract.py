@@ -26,7 +26,7 @@ from pipeline.dataset import REGIONS
 from pipeline.extract_worker import ExtractionWorker, ShardTask, WorkerSettings
 from pipeline.inputs import InputListing, discover_images
 from pipeline.manifest import file_sha256, prepare_stage, write_listing
-from pipeline.ray_runner import ProgressCounter, RayOptions, TaskOutcome, init_ray, run_tasks
+from pipeline.ray_runner import RayOptions, TaskOutcome, create_progress_counter, init_ray, run_tasks
 from pipeline.region_index import write_region_index
 from pipeline.region_shards import shard_file_name, verify_region_shard
 
@@ -222,11 +222,11 @@ def _run_workers(options: ExtractOptions, config: dict[str, Any], tasks: list[Sh
         compression=options.compression,
         shard_attrs={"config": config},
     )
-    progress = ProgressCounter.remote()
+    progress, progress_name = create_progress_counter()
     actor_class = ray.remote(ExtractionWorker).options(
         num_cpus=cpus, num_gpus=gpus, memory=ray_options.memory_per_worker, max_restarts=4, max_task_retries=0
     )
-    actors = [actor_class.remote(settings, progress) for _ in range(workers)]
+    actors = [actor_class.remote(settings, progress_name) for _ in range(workers)]
     _wait_ready(actors)
     logger.info("%d workers with %s CPUs and %s GPUs each", workers, cpus, gpus)
 

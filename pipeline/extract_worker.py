@@ -70,14 +70,15 @@ class WorkerSettings:
 class ExtractionWorker:
     """Ray actor body: build the detector once, then process shard tasks."""
 
-    def __init__(self, settings: WorkerSettings, progress: Any) -> None:
+    def __init__(self, settings: WorkerSettings, progress_name: str) -> None:
         import torch
 
         from extractors.extractor import build_extractor
+        from pipeline.ray_runner import lookup_progress_counter
 
         torch.set_num_threads(max(1, settings.torch_threads))
         self.settings = settings
-        self.progress = progress
+        self.progress = lookup_progress_counter(progress_name)
         self.node = socket.gethostname()
         self.extractor = build_extractor(
             detector=settings.detector,

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -90,6 +91,21 @@ class ProgressCounter:
         return done, failed
 
 
+def create_progress_counter() -> tuple[Any, str]:
+    """Start a named :class:`ProgressCounter` and return its handle and name.
+
+    Workers look the counter up by name (:func:`lookup_progress_counter`) instead of
+    receiving the handle as a constructor argument, so a restarted worker finds it again.
+    """
+    name = f"cmsei-progress-{uuid.uuid4().hex[:12]}"
+    return ProgressCounter.options(name=name).remote(), name
+
+
+def lookup_progress_counter(name: str) -> Any:
+    """Return the handle of the named progress counter."""
+    return ray.get_actor(name)
+
+
 @dataclass
 class TaskOutcome:
     """What became of one shard task."""
@@ -118,6 +134,7 @@ def run_tasks(
     description: str,
     max_retries: int = 2,
     on_result: Callable[[TaskOutcome], None] | None = None,
+    unit: str = "img",
 ) -> list[TaskOutcome]:
     """Run ``tasks`` over a pool of actors, one task per actor at a time.
 
@@ -131,6 +148,7 @@ def run_tasks(
         description: progress bar label.
         max_retries: resubmissions of a task after its first failure.
         on_result: called on the driver for each finished outcome, in completion order.
+        unit: progress bar unit.
 
     Returns:
         One :class:`TaskOutcome` per task, in the order of ``tasks``.
@@ -142,7 +160,7 @@ def run_tasks(
     started = time.monotonic()
 
     interactive = sys.stderr.isatty()
-    with tqdm(total=total_items, desc=description, unit="img", dynamic_ncols=True,
+    with tqdm(total=total_items, desc=description, unit=unit, dynamic_ncols=True,
               mininterval=0.5 if interactive else 10.0) as bar:
         while queue or any(slot.ref is not None for slot in slots):
             _fill_slots(slots, queue, submit, key, attempts)
@@ -204,5 +222,5 @@ def _update_bar(bar: tqdm, progress: Any, started: float) -> None:
     if done + failed == bar.n:
         return
     elapsed = max(time.monotonic() - started, 1e-9)
-    bar.set_postfix(failed=failed, img_per_s=f"{(done + failed) / elapsed:.2f}", refresh=False)
+    bar.set_postfix(failed=failed, per_s=f"{(done + failed) / elapsed:.2f}", refresh=False)
     bar.update(done + failed - bar.n)

@@ -127,7 +127,8 @@ def test_rpn_proposals_clipped_and_limited():
 
     for (boxes, scores), (height, width) in zip(proposals, [(160, 224), (100, 120)]):
         assert 0 < boxes.shape[0] <= 20
-        assert torch.all(boxes[:, 2] <= width) and torch.all(boxes[:, 3] <= height)
+        assert torch.all(boxes[:, 2] <= width)
+        assert torch.all(boxes[:, 3] <= height)
         assert torch.all(boxes[:, 2] > boxes[:, 0])
         assert torch.all(scores[:-1] >= scores[1:])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from extractors.config import load_config, preset_names
-from extractors.vocab import label_names, read_vocab
+from extractors.detector_labels import label_names, read_vocab
 
 
 def sample_data_dir() -> Path:
@@ -152,7 +152,9 @@ def test_vocab_missing_file(tmp_path):
 
 
 def test_generic_names():
-    assert label_names(None, 3, "object_vocab_path", "object") == ["object_0", "object_1", "object_2"]
+    names = label_names(None, 3, "object_vocab_path", "object")
+
+    assert names == ["object_0", "object_1", "object_2"]
 
 
 def test_real_visual_genome_vocab():

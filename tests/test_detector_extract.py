@@ -71,9 +71,12 @@ def assert_schema(regions: dict, feature_dim: int, has_class_boxes: bool = False
 
 
 def assert_within(boxes: np.ndarray, height: int, width: int) -> None:
-    assert np.all(boxes[:, 0] >= 0) and np.all(boxes[:, 1] >= 0)
-    assert np.all(boxes[:, 2] <= width) and np.all(boxes[:, 3] <= height)
-    assert np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1])
+    assert np.all(boxes[:, 0] >= 0)
+    assert np.all(boxes[:, 1] >= 0)
+    assert np.all(boxes[:, 2] <= width)
+    assert np.all(boxes[:, 3] <= height)
+    assert np.all(boxes[:, 2] >= boxes[:, 0])
+    assert np.all(boxes[:, 3] >= boxes[:, 1])
 
 
 def test_extractor_attributes(tiny):

@@ -339,6 +339,8 @@ def test_evaluate_recall_counts_hits_exactly():
         ({"object_ids": np.arange(8) + 1}, "object ids"),
         ({"image_size": (0, 10)}, "image_size"),
         ({"boxes": np.zeros((8, 3))}, "boxes"),
+        ({"relations": np.array([[0, 1], [1, 2], [2, 0]])}, r"\(T, 3\)"),
+        ({"object_ids": np.zeros(8)}, "integers"),
     ],
 )
 def test_training_rejects_bad_samples(change, message):

@@ -411,6 +411,14 @@ def test_batch_spanning_several_chunks():
         np.testing.assert_array_equal(actual, expected)
 
 
+def test_large_image_matches_oracle():
+    rng = np.random.default_rng(5)
+    corners = rng.uniform(0, 1, (151, 2)) * (800, 600)
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 300, (151, 2))], axis=1)
+    labels = relation_labels(boxes, (600, 800))
+    np.testing.assert_array_equal(labels, oracle_labels(boxes, (600, 800)))
+
+
 def test_empty_and_single_box_images():
     assert relation_labels(np.zeros((0, 4)), (10, 10)).shape == (0, 0)
     assert relation_labels(np.array([[1, 1, 5, 5]]), (10, 10)).tolist() == [[0]]

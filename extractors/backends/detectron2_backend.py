@@ -3,11 +3,14 @@
 Shapes: N images, P_i proposals (or given boxes) of image i, R_i stored regions,
 D = 8 * res2_out_channels, K object classes, A attributes.
 
-The model comes from detectron2's config system (``Res5ROIHeads``) with three changes
-that py-bottom-up-attention made for the Visual Genome weights: the Caffe max pool in
-the stem (padding 0, ceil_mode), the non-halving res5 (first block stride 1, 3x3 convs
-dilated), and the attribute head as extra modules of ``box_predictor`` named as in its
-checkpoints (``cls_embedding``, ``fc_attr``, ``attr_score``). Region selection and the
+The model comes from detectron2's config system (``Res5ROIHeads``). It gets the three
+changes that py-bottom-up-attention made for the Visual Genome weights:
+
+* the Caffe max pool in the stem (padding 0, ceil_mode);
+* the non-halving res5 (first block stride 1, 3x3 convolutions dilated);
+* the attribute head, as extra modules of ``box_predictor`` named as in its checkpoints
+  (``cls_embedding``, ``fc_attr``, ``attr_score``).
+ Region selection and the
 output format are shared with the native backend, so both return the same dicts.
 
 detectron2's ResNet builds only depths 50, 101 and 152 with a 3-block res5, so ``tiny``
@@ -199,7 +202,8 @@ class Detectron2Detector(nn.Module):
                 resized[index] = image_boxes.new_tensor([[0.0, 0.0, float(width), float(height)]])
 
         in_features = [features[name] for name in self.model.roi_heads.in_features]
-        pooled = self.model.roi_heads._shared_roi_transform(in_features, [Boxes(b) for b in resized])
+        box_lists = [Boxes(image_boxes) for image_boxes in resized]
+        pooled = self.model.roi_heads._shared_roi_transform(in_features, box_lists)
         region = pooled.mean(dim=(2, 3))
         class_logits, box_deltas = self.model.roi_heads.box_predictor(region)
         attribute_logits = None
@@ -211,15 +215,16 @@ class Detectron2Detector(nn.Module):
             rows = slice(start, start + image_boxes.shape[0])
             start += image_boxes.shape[0]
             results.append(self._image_regions(
-                index, image_boxes, region[rows], class_logits[rows], box_deltas[rows],
+                image_boxes, region[rows], class_logits[rows], box_deltas[rows],
                 None if attribute_logits is None else attribute_logits[rows],
                 scales[index], images[index].shape[:2], image_list.image_sizes[index],
                 None if boxes is None else boxes[index],
             ))
         return results
 
-    def _image_regions(self, index, proposals, region, class_logits, box_deltas,
-                       attribute_logits, scale, original_size, resized_size, given) -> dict:
+    def _image_regions(self, proposals, region, class_logits, box_deltas, attribute_logits,
+                       scale, original_size, resized_size, given) -> dict:
+        """Select and describe the regions of one image, as ``C4Detector._image_regions``."""
         scale_y, scale_x = scale
         factors = proposals.new_tensor([scale_x, scale_y, scale_x, scale_y])
         original = clip_boxes(proposals / factors, original_size[0], original_size[1])
