@@ -26,5 +26,8 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	bash benchmarks/run_all.sh $(BIN)
 
+bench-relational: install
+	bash benchmarks/bench_relational.sh $(BIN)
+
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -173,6 +173,139 @@ def recall_metrics(similarity: np.ndarray, captions_per_image: int = 5) -> dict[
     return metrics
 
 
+def _validate_caption_images(similarity: np.ndarray, caption_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the score matrix and the caption-to-image map after checking both."""
+    scores = np.asarray(similarity)
+    if scores.ndim != 2:
+        raise ValueError(
+            f"similarity must be a 2-D (n_images, n_captions) array, got {scores.ndim} dims "
+            f"with shape {scores.shape}"
+        )
+    n_images, n_captions = scores.shape
+
+    owners = np.asarray(caption_images)
+    if owners.shape != (n_captions,) or not np.issubdtype(owners.dtype, np.integer):
+        raise ValueError(
+            f"caption_images must be ({n_captions},) integers, one image index per similarity column, "
+            f"got shape {owners.shape} and dtype {owners.dtype}"
+        )
+    if n_images == 0:
+        raise ValueError("similarity has no rows; evaluate at least one image")
+    if n_captions and (owners.min() < 0 or owners.max() >= n_images):
+        raise ValueError(
+            f"caption_images contains values in [{owners.min()}, {owners.max()}] outside [0, {n_images - 1}]"
+        )
+
+    counts = np.bincount(owners, minlength=n_images)
+    if np.any(counts == 0):
+        raise ValueError(
+            f"images {np.flatnonzero(counts == 0)[:10].tolist()} have no caption; every image needs at least one"
+        )
+
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
+        raise ValueError(f"similarity must contain real numbers, got dtype {scores.dtype}")
+    if not np.isfinite(scores).all():
+        bad = np.argwhere(~np.isfinite(scores))[:5].tolist()
+        raise ValueError(f"similarity contains NaN or infinite values, first at (row, column) {bad}")
+    return scores, owners.astype(np.int64)
+
+
+def image_to_text_ranks_by_image(similarity: np.ndarray, caption_images: np.ndarray) -> np.ndarray:
+    """Return the 0-based i2t rank of each image for any caption-to-image map.
+
+    Same rule and tie order as `image_to_text_ranks`: the rank of an image is the best rank
+    among its captions, and among equal scores the higher column ranks first.
+
+    Args:
+        similarity: (N, C) finite scores.
+        caption_images: (C,) int, the image of every caption; every image needs one caption.
+
+    Returns:
+        (N,) int64 ranks.
+
+    Raises:
+        ValueError: for an invalid shape, map or non-finite values.
+    """
+    scores, owners = _validate_caption_images(similarity, caption_images)
+    n_images, n_captions = scores.shape
+    ranks = np.empty(n_images, dtype=np.int64)
+    column_index = np.arange(n_captions)
+    block = max(1, _COMPARISON_BLOCK // max(n_captions, 1))
+
+    for start in range(0, n_images, block):
+        rows = scores[start : start + block]
+        image_index = np.arange(start, start + rows.shape[0])
+        own = owners[None, :] == image_index[:, None]
+        best_score = np.where(own, rows, -np.inf).max(axis=1)
+        is_best = own & (rows == best_score[:, None])
+        best_column = n_captions - 1 - np.argmax(is_best[:, ::-1], axis=1)
+
+        higher = rows > best_score[:, None]
+        tied_before = (rows == best_score[:, None]) & (column_index[None, :] > best_column[:, None])
+        ranks[start : start + rows.shape[0]] = higher.sum(axis=1) + tied_before.sum(axis=1)
+    return ranks
+
+
+def text_to_image_ranks_by_image(similarity: np.ndarray, caption_images: np.ndarray) -> np.ndarray:
+    """Return the 0-based t2i rank of each caption (the rank of its image) for any caption-to-image map.
+
+    Args:
+        similarity: (N, C) finite scores.
+        caption_images: (C,) int, the image of every caption.
+
+    Returns:
+        (C,) int64 ranks.
+
+    Raises:
+        ValueError: for an invalid shape, map or non-finite values.
+    """
+    scores, owners = _validate_caption_images(similarity, caption_images)
+    n_images, n_captions = scores.shape
+    ranks = np.empty(n_captions, dtype=np.int64)
+    image_index = np.arange(n_images)
+    block = max(1, _COMPARISON_BLOCK // n_images)
+
+    for start in range(0, n_captions, block):
+        columns = scores[:, start : start + block]
+        target_image = owners[start : start + columns.shape[1]]
+        target_scores = columns[target_image, np.arange(columns.shape[1])]
+        higher = columns > target_scores[None, :]
+        tied_before = (columns == target_scores[None, :]) & (image_index[:, None] > target_image[None, :])
+        ranks[start : start + columns.shape[1]] = higher.sum(axis=0) + tied_before.sum(axis=0)
+    return ranks
+
+
+def recall_metrics_by_image(similarity: np.ndarray, caption_images: np.ndarray) -> dict[str, float]:
+    """Compute the keys of `recall_metrics` when images have different caption counts.
+
+    Caption c belongs to image `caption_images[c]`, in any order. With exactly m captions per
+    image in image order (`caption_images = arange(C) // m`) the result equals
+    `recall_metrics(similarity, m)`.
+
+    Args:
+        similarity: (N, C) finite scores.
+        caption_images: (C,) int image index of every caption; every image needs one caption.
+
+    Returns:
+        i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 (percent), rsum, and the 1-based
+        median and mean ranks of both directions.
+
+    Raises:
+        ValueError: for an invalid shape, map or non-finite values.
+    """
+    i2t = _rank_summary(image_to_text_ranks_by_image(similarity, caption_images), "i2t")
+    t2i = _rank_summary(text_to_image_ranks_by_image(similarity, caption_images), "t2i")
+
+    metrics = {f"i2t_r{k}": i2t[f"i2t_r{k}"] for k in RECALL_KS}
+    metrics.update({f"t2i_r{k}": t2i[f"t2i_r{k}"] for k in RECALL_KS})
+    metrics["rsum"] = sum(metrics.values())
+    for name in ("i2t_medr", "i2t_meanr"):
+        metrics[name] = i2t[name]
+    for name in ("t2i_medr", "t2i_meanr"):
+        metrics[name] = t2i[name]
+    return metrics
+
+
 def coco_1k_folds(
     similarity: np.ndarray | SimilarityBlockFn,
     n_folds: int = 5,
@@ -244,6 +377,7 @@ def similarity_matrix(
     captions: CaptionEmbedding,
     image_block_size: int = 128,
     caption_block_size: int = 1024,
+    max_pairs_per_chunk: int | None = None,
 ) -> np.ndarray:
     """Score every image against every caption block by block, without autograd.
 
@@ -256,6 +390,8 @@ def similarity_matrix(
         captions: C encoded captions, on any device.
         image_block_size: images per block, >= 1.
         caption_block_size: captions per block, >= 1.
+        max_pairs_per_chunk: pairs that `CMSEI.similarity` scores at once; None uses the
+            model's `config.max_pairs_per_chunk`.
 
     Returns:
         (N, C) float32 scores.
@@ -277,6 +413,6 @@ def similarity_matrix(
         for caption_start in range(0, len(captions), caption_block_size):
             caption_block = captions.slice(caption_start, caption_start + caption_block_size).to(device)
             caption_stop = caption_start + len(caption_block)
-            block = model.similarity(image_block, caption_block)
+            block = model.similarity(image_block, caption_block, max_pairs_per_chunk)
             scores[image_start:image_stop, caption_start:caption_stop] = block.float().cpu().numpy()
     return scores

@@ -108,7 +108,7 @@ class InteractiveAttention(nn.Module):
             self.temperature * cosine, region_mask[:, None, None, :]
         )
         region_context = self.word_fusion.context_terms(regions)
-        attended_by_words = torch.matmul(word_attention, region_context[:, None])
+        attended_by_words = _attend_per_image(word_attention, region_context)
         refined_words = self.word_fusion.fuse(
             words[None], self.word_fusion.self_terms(words)[None], attended_by_words
         )
@@ -123,3 +123,14 @@ class InteractiveAttention(nn.Module):
         )
 
         return refined_words, refined_regions
+
+
+def _attend_per_image(attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return (B, c, m, e) = attention (B, c, m, k) @ values (B, k, e) for every caption.
+
+    One batched product per image. A broadcasting `matmul` would first copy the values once
+    per caption: (B, c, k, e) floats, more than the (B, c, m, e) result when k > m.
+    """
+    batch, captions, queries, keys = attention.shape
+    flat = torch.bmm(attention.reshape(batch, captions * queries, keys), values)
+    return flat.view(batch, captions, queries, values.shape[-1])

@@ -1,7 +1,7 @@
 """ResNet C4 backbone with frozen batch norm, in detectron2's MSRA/Caffe variant.
 
 Shapes: N images, C channels, H x W the padded input size. ``ResNetC4`` maps images
-(N, 3, H, W) to res4 features (N, 4 * res2_out_channels, ~H/16, ~W/16); ``build_res5``
+(N, 3, H, W) to res4 features (N, 4 * res2_out_channels, ~H/16, ~W/16). ``build_res5``
 builds the res5 stage that the RoI head runs on each pooled region.
 
 Module names follow torchvision's ResNet (``conv1``/``bn1``, ``downsample.0``/``.1``);

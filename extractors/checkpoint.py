@@ -55,6 +55,8 @@ _PARAM = r"(weight|bias)"
 _NORM = r"(weight|bias|running_mean|running_var)"
 
 # detectron2 name pattern -> native name template, one row per parameter family.
+# NOTE: the names follow the module code of detectron2 and py-bottom-up-attention; the
+# released faster_rcnn_from_caffe_attr.pkl itself has not been loaded by these tests.
 DETECTRON2_TO_NATIVE = [
     (r"backbone\.stem\.conv1\.weight", "backbone.stem.conv1.weight"),
     (rf"backbone\.stem\.conv1\.norm\.{_NORM}", r"backbone.stem.bn1.\1"),

@@ -5,9 +5,9 @@ D feature size, K object classes, A attributes.
 
 ``C4Detector.extract_regions`` runs backbone, RPN, RoI head and bottom-up-attention
 region selection on a padded batch and returns, per image, tensors in original-image
-pixels. When no proposal of an image survives the RPN filters (for example an image one
-pixel high), the whole image becomes its only proposal, so it still gets a region unless
-``min_boxes`` is 0 and that region scores below ``conf_thresh``.
+pixels. When no proposal of an image survives the RPN filters (clipping, then
+``rpn_min_box_size``), the whole image becomes its only proposal. The image then still
+gets a region unless ``min_boxes`` is 0 and that region scores below ``conf_thresh``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class C4Detector(nn.Module):
             regions["attribute_scores"] = torch.zeros_like(object_scores)
 
         if self.config["store_class_boxes"]:
-            deltas = outputs.box_deltas[keep].view(keep.shape[0], -1, 4)
+            deltas = outputs.box_deltas[keep].view(keep.shape[0], self.config["num_classes"], 4)
             deltas = deltas[torch.arange(keep.shape[0], device=keep.device), object_ids]
             decoded = apply_deltas(deltas, proposals[keep], self.config["roi_bbox_reg_weights"])
             height, width = batch.image_sizes[index]

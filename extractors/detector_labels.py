@@ -1,8 +1,8 @@
 """Label names of the detector's object classes and attributes.
 
-A vocabulary file has one label per line; a line may list comma-separated synonyms and
-the first one is the label's name (the Visual Genome ``objects_vocab.txt`` and
-``attributes_vocab.txt`` of bottom-up-attention). A missing final newline is accepted.
+A vocabulary file has one label per line. A line may list comma-separated synonyms, and
+the first one is the label's name, as in bottom-up-attention's Visual Genome
+``objects_vocab.txt`` and ``attributes_vocab.txt``. A missing final newline is accepted.
 """
 
 from __future__ import annotations

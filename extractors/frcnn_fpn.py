@@ -98,6 +98,11 @@ class TorchvisionFPNDetector(nn.Module):
         class_logits, box_regression = roi_heads.box_predictor(region)
         return region, class_logits, box_regression
 
+    def _decode(self, box_regression: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        """Decode class-specific deltas (R, 4 (K + 1)) into boxes (R, K + 1, 4), R may be 0."""
+        decoded = self.model.roi_heads.box_coder.decode(box_regression, boxes)
+        return decoded.reshape(box_regression.shape[0], self.config["num_classes"] + 1, 4)
+
     def _detect(self, features: dict, image_list) -> list[tuple[torch.Tensor, ...]]:
         """Run RPN and box head, then select the final detections of each image.
 
@@ -108,7 +113,7 @@ class TorchvisionFPNDetector(nn.Module):
         """
         proposals, _ = self.model.rpn(image_list, features)
         _, class_logits, box_regression = self._heads(features, proposals, image_list.image_sizes)
-        class_boxes = self.model.roi_heads.box_coder.decode(box_regression, proposals)
+        class_boxes = self._decode(box_regression, proposals)
         class_probs = class_logits.softmax(dim=1)
 
         detections = []
@@ -175,7 +180,7 @@ class TorchvisionFPNDetector(nn.Module):
 
         region, class_logits, box_regression = self._heads(features, resized_boxes,
                                                            image_list.image_sizes)
-        class_boxes = self.model.roi_heads.box_coder.decode(box_regression, resized_boxes)
+        class_boxes = self._decode(box_regression, resized_boxes)
         class_probs = class_logits.softmax(dim=1)
 
         results = []
@@ -183,28 +188,47 @@ class TorchvisionFPNDetector(nn.Module):
         for index, image_boxes in enumerate(resized_boxes):
             rows = slice(start, start + image_boxes.shape[0])
             start += image_boxes.shape[0]
-            height, width = originals[index]
-            if boxes is None and detections[index][1] is not None:
-                _, classes, scores = detections[index]
-                original_boxes = clip_boxes(image_boxes / factors[index], height, width)
-                regions = {
-                    "boxes": original_boxes,
-                    "features": region[rows],
-                    "object_ids": classes,
-                    "object_scores": scores,
-                    "class_boxes": original_boxes,
-                }
-            else:
-                given = boxes[index] if boxes is not None else clip_boxes(
-                    image_boxes / factors[index], height, width)
-                regions = self._given_regions(given, region[rows], class_probs[rows],
-                                              class_boxes[rows])
-                regions["class_boxes"] = clip_boxes(regions["class_boxes"] / factors[index],
-                                                    height, width)
-
-            regions["attribute_ids"] = torch.full_like(regions["object_ids"], -1)
-            regions["attribute_scores"] = torch.zeros_like(regions["object_scores"])
-            if not self.config["store_class_boxes"]:
-                del regions["class_boxes"]
-            results.append(regions)
+            heads = (region[rows], class_probs[rows], class_boxes[rows])
+            detection = detections[index] if boxes is None else None
+            given = boxes[index] if boxes is not None else None
+            results.append(self._image_regions(image_boxes, heads, factors[index],
+                                               originals[index], detection, given))
         return results
+
+    def _image_regions(self, image_boxes: torch.Tensor, heads: tuple[torch.Tensor, ...],
+                       factor: torch.Tensor, original: tuple[int, int],
+                       detection: tuple | None, given: torch.Tensor | None) -> dict:
+        """Assemble one image's regions in original pixels.
+
+        Args:
+            image_boxes: float (R_i, 4) pooled boxes in resized pixels.
+            heads: features (R_i, 1024), class probabilities (R_i, K + 1) and class
+                boxes (R_i, K + 1, 4) at ``image_boxes``.
+            factor: float (4,) original-to-resized ratios.
+            original: (H_i, W_i).
+            detection: the image's entry of ``_detect``, or None with given boxes.
+            given: the given boxes (R_i, 4) in original pixels, or None.
+        """
+        features, class_probs, class_boxes = heads
+        height, width = original
+        if detection is not None and detection[1] is not None:
+            _, classes, scores = detection
+            original_boxes = clip_boxes(image_boxes / factor, height, width)
+            regions = {
+                "boxes": original_boxes,
+                "features": features,
+                "object_ids": classes,
+                "object_scores": scores,
+                "class_boxes": original_boxes,
+            }
+        else:
+            if given is None:
+                given = clip_boxes(image_boxes / factor, height, width)
+            regions = self._given_regions(given, features, class_probs, class_boxes)
+            regions["class_boxes"] = clip_boxes(regions["class_boxes"] / factor, height, width)
+
+        regions["attribute_ids"] = torch.full_like(regions["object_ids"], -1)
+        regions["attribute_scores"] = torch.zeros_like(regions["object_scores"])
+        if not self.config["store_class_boxes"]:
+            del regions["class_boxes"]
+        return regions

@@ -99,27 +99,31 @@ def select_butd_regions(boxes: torch.Tensor, class_probs: torch.Tensor,
                        config["max_boxes"], config["num_boxes"])
 
 
-def _nms_candidates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                    nms_thresh: float) -> torch.Tensor:
-    keep = batched_nms(boxes, scores, labels, nms_thresh)
-    return keep[scores[keep].argsort(descending=True, stable=True)]
+def _count_bounds(config: dict) -> tuple[int, int]:
+    if config["num_boxes"] is not None:
+        return config["num_boxes"], config["num_boxes"]
+    return config["min_boxes"], config["max_boxes"]
 
 
-def select_detections(class_boxes: torch.Tensor, class_probs: torch.Tensor,
-                      config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def select_detections(class_boxes: torch.Tensor, class_probs: torch.Tensor, config: dict,
+                      first_candidates: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-process class-specific detections and clamp their count.
 
-    Every (region, class) pair is a candidate; candidates with a side below 0.01 pixel
+    Every (region, class) pair is a candidate. Candidates with a side below 0.01 pixel
     are dropped, the rest go through per-class NMS at ``selection_nms_thresh``. Those
     scoring at least ``conf_thresh`` are kept, clamped to [min_boxes, max_boxes] (or
-    ``num_boxes``). Candidates below the threshold take part only when fewer than
-    ``min_boxes`` pass it; greedy NMS visits boxes by decreasing score, so the first
-    pass over the confident candidates alone keeps exactly what a pass over all would.
+    ``num_boxes``).
+
+    Greedy NMS visits candidates by decreasing score, so NMS over the highest-scoring
+    candidates alone keeps exactly the boxes that NMS over all of them keeps among those.
+    The NMS therefore runs on the best ``first_candidates`` candidates and doubles that
+    count only until the answer is settled, instead of on all R x K pairs.
 
     Args:
         class_boxes: float (R, K, 4) box of each region for each class.
         class_probs: float (R, K) class probabilities, background excluded.
         config: resolved config.
+        first_candidates: candidates in the first NMS pass.
 
     Returns:
         region indices int64 (D,) and class indices int64 (D,), by decreasing score.
@@ -131,16 +135,23 @@ def select_detections(class_boxes: torch.Tensor, class_probs: torch.Tensor,
 
     sides = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     valid = torch.nonzero(sides >= MIN_DETECTION_SIDE).squeeze(1)
+    candidates = valid[scores[valid].argsort(descending=True, stable=True)]
 
-    confident = valid[scores[valid] >= config["conf_thresh"]]
-    keep = confident[_nms_candidates(boxes[confident], scores[confident], labels[confident],
-                                     config["selection_nms_thresh"])]
+    min_boxes, max_boxes = _count_bounds(config)
+    threshold = config["conf_thresh"]
+    size = max(1, first_candidates)
+    while True:
+        head = candidates[:size]
+        keep = head[batched_nms(boxes[head], scores[head], labels[head],
+                                config["selection_nms_thresh"])]
+        keep = keep[scores[keep].argsort(descending=True, stable=True)]
+        confident = int((scores[keep] >= threshold).sum().item())
 
-    wanted_min = config["num_boxes"] if config["num_boxes"] is not None else config["min_boxes"]
-    if keep.shape[0] < wanted_min:
-        keep = valid[_nms_candidates(boxes[valid], scores[valid], labels[valid],
-                                     config["selection_nms_thresh"])]
-
-    chosen = keep[clamp_count(scores[keep], config["conf_thresh"], config["min_boxes"],
-                              config["max_boxes"], config["num_boxes"])]
-    return chosen // num_classes, chosen % num_classes
+        complete = size >= candidates.shape[0]
+        # Once a candidate below the threshold is in the head, every confident one is.
+        threshold_settled = complete or scores[head[-1]].item() < threshold
+        count = min(max(confident, min_boxes), max_boxes)
+        if complete or confident >= max_boxes or (threshold_settled and keep.shape[0] >= count):
+            chosen = keep[:count]
+            return chosen // num_classes, chosen % num_classes
+        size *= 2

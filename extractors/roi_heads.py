@@ -1,10 +1,11 @@
 """C4 RoI head: RoI pooling on res4, res5 per region, mean pool, class/box/attribute heads.
 
 Shapes: R regions over the batch, D = 8 * res2_out_channels feature size, K object
-classes, A attributes, S the pooler resolution. Class logits have K + 1 columns with
-background LAST (detectron2's convention); attribute logits have A + 1 columns with
-"no attribute" LAST, as in py-bottom-up-attention's converted Visual Genome weights
-(its demo drops the last attribute logit).
+classes, A attributes, S the pooler resolution.
+
+Class logits have K + 1 columns with background LAST (detectron2's convention).
+Attribute logits have A + 1 columns with "no attribute" LAST, as in py-bottom-up-attention's
+converted Visual Genome weights, whose demo drops the last attribute logit.
 """
 
 from __future__ import annotations

@@ -8,9 +8,15 @@ image sizes are (height, width).
 Each pair's logits add two terms. The first is an MLP over the subject's and the
 object's encodings (features and class embedding, one linear map per role) plus an
 encoding of the pair geometry. The second is a frequency bias looked up by
-(subject class, object class). It is a trained (K * K, P) table that starts from the
-log empirical predicate frequencies of the training data, as in Neural Motifs
-(Zellers et al., CVPR 2018).
+(subject class, object class), as in Neural Motifs (Zellers et al., CVPR 2018). It
+starts from the log empirical predicate frequencies of the training data and is
+trained with the rest.
+
+The bias table is sparse, because a dense (K * K, P) table of 1600 detector classes
+and 51 predicates would take 522 MB. It has one row per class pair key
+``subject_class * K + object_class`` listed in the sorted buffer ``frequency_keys``
+(M keys), plus a last row shared by every other pair. ``torch.searchsorted`` finds
+the row of a pair.
 """
 
 from __future__ import annotations
@@ -90,10 +96,13 @@ class RelationPredictor(nn.Module):
         embed_dim: size of the object class embedding.
         hidden_dim: width of the pair MLP.
         dropout: dropout probability inside the pair MLP.
+        num_frequency_pairs: M, the class pairs with their own frequency bias row.
+            The keys start as zeros, so a new model needs ``set_frequency_bias``
+            and a loaded one gets them from its state dict.
 
     Raises:
-        ValueError: on a non-positive size, fewer than two predicates, or a first
-            predicate other than ``BACKGROUND``.
+        ValueError: on a non-positive size, a negative M, fewer than two predicates,
+            or a first predicate other than ``BACKGROUND``.
     """
 
     def __init__(
@@ -105,10 +114,13 @@ class RelationPredictor(nn.Module):
         embed_dim: int = 64,
         hidden_dim: int = 256,
         dropout: float = 0.1,
+        num_frequency_pairs: int = 0,
     ) -> None:
         super().__init__()
         predicate_names = tuple(predicate_names)
         _check_config(feature_dim, num_object_classes, predicate_names, embed_dim, hidden_dim, dropout)
+        if int(num_frequency_pairs) != num_frequency_pairs or num_frequency_pairs < 0:
+            raise ValueError(f"num_frequency_pairs must be a non-negative integer, got {num_frequency_pairs!r}")
         self.feature_dim = feature_dim
         self.num_object_classes = num_object_classes
         self.predicate_names = predicate_names
@@ -129,7 +141,8 @@ class RelationPredictor(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden_dim, num_predicates),
         )
-        self.frequency_bias = nn.Embedding(num_object_classes * num_object_classes, num_predicates)
+        self.register_buffer("frequency_keys", torch.zeros(int(num_frequency_pairs), dtype=torch.long))
+        self.frequency_bias = nn.Embedding(int(num_frequency_pairs) + 1, num_predicates)
         nn.init.zeros_(self.frequency_bias.weight)
 
     @property
@@ -146,25 +159,52 @@ class RelationPredictor(nn.Module):
             "embed_dim": self.embed_dim,
             "hidden_dim": self.hidden_dim,
             "dropout": self.dropout,
+            "num_frequency_pairs": int(self.frequency_keys.shape[0]),
         }
 
     @torch.no_grad()
-    def init_frequency_bias(self, log_frequencies: torch.Tensor | np.ndarray) -> None:
-        """Copy a (K * K, P) table of log predicate frequencies into the frequency bias.
+    def set_frequency_bias(self, keys: torch.Tensor | np.ndarray, log_frequencies: torch.Tensor | np.ndarray) -> None:
+        """Replace the frequency bias by a new sparse table.
 
-        Row ``subject_class * K + object_class`` contains the log distribution of the
-        predicates of that class pair (see ``graphs.train_relations.frequency_log_probs``).
+        Call it before creating the optimiser, because the table becomes a new
+        parameter when M changes.
+
+        Args:
+            keys: (M,) integer class pair keys ``subject_class * K + object_class``,
+                strictly increasing, each in 0..K*K-1.
+            log_frequencies: (M + 1, P) float, the log predicate distribution of each
+                key's class pair, and in the last row that of every other pair (see
+                ``graphs.train_relations.frequency_log_probs``).
 
         Raises:
-            ValueError: when the table does not have shape (K * K, P) or is not finite.
+            ValueError: on keys that are not increasing integers in range, a table of
+                another shape, or values that are not finite.
         """
+        keys = torch.as_tensor(keys)
         table = torch.as_tensor(log_frequencies, dtype=torch.float32)
-        expected = tuple(self.frequency_bias.weight.shape)
-        if tuple(table.shape) != expected:
-            raise ValueError(f"log_frequencies must have shape {expected} (K * K, P), got {tuple(table.shape)}")
-        if not torch.isfinite(table).all():
-            raise ValueError("log_frequencies contains NaN or infinity; smooth the counts before taking the log")
+        _check_frequency_table(keys, table, self.num_object_classes, self.num_predicates)
+
+        device = self.frequency_bias.weight.device
+        self.frequency_keys = keys.to(device=device, dtype=torch.long).clone()
+        self.frequency_bias = nn.Embedding(table.shape[0], table.shape[1]).to(device)
         self.frequency_bias.weight.copy_(table)
+
+    def frequency_rows(self, subject_classes: torch.Tensor, object_classes: torch.Tensor) -> torch.Tensor:
+        """Return the frequency bias row of each (subject class, object class) pair.
+
+        Args:
+            subject_classes, object_classes: (T,) integer classes in 0..K-1.
+
+        Returns:
+            (T,) int64 rows in 0..M; M, the last row, for pairs without their own.
+        """
+        queries = subject_classes.long() * self.num_object_classes + object_classes.long()
+        count = self.frequency_keys.shape[0]
+        if count == 0:
+            return torch.zeros_like(queries)
+        positions = torch.searchsorted(self.frequency_keys, queries).clamp_(max=count - 1)
+        found = self.frequency_keys[positions] == queries
+        return torch.where(found, positions, torch.full_like(positions, count))
 
     def forward(
         self,
@@ -190,8 +230,8 @@ class RelationPredictor(nn.Module):
 
         subject_rows, object_rows = pairs[:, 0], pairs[:, 1]
         hidden = subjects[subject_rows] + objects[object_rows] + self.geometry_encoder(geometry)
-        class_pairs = object_ids[subject_rows] * self.num_object_classes + object_ids[object_rows]
-        return self.classifier(hidden) + self.frequency_bias(class_pairs)
+        bias_rows = self.frequency_rows(object_ids[subject_rows], object_ids[object_rows])
+        return self.classifier(hidden) + self.frequency_bias(bias_rows)
 
     @torch.no_grad()
     def predict_image(
@@ -289,6 +329,23 @@ def _check_config(
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
+def _check_frequency_table(keys: torch.Tensor, table: torch.Tensor, num_object_classes: int, num_predicates: int) -> None:
+    if keys.ndim != 1 or (keys.numel() and (keys.is_floating_point() or keys.is_complex())):
+        raise ValueError(f"keys must be a 1-D integer array, got dtype {keys.dtype} shape {tuple(keys.shape)}")
+    if keys.numel() and (keys.min() < 0 or keys.max() >= num_object_classes * num_object_classes):
+        raise ValueError(
+            f"keys must lie in 0..{num_object_classes * num_object_classes - 1} (K * K - 1), "
+            f"got {int(keys.min())}..{int(keys.max())}"
+        )
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise ValueError("keys must be strictly increasing; sort them and drop repeats")
+    expected = (keys.shape[0] + 1, num_predicates)
+    if tuple(table.shape) != expected:
+        raise ValueError(f"log_frequencies must have shape {expected} (M + 1, P), got {tuple(table.shape)}")
+    if not torch.isfinite(table).all():
+        raise ValueError("log_frequencies contains NaN or infinity; smooth the counts before taking the log")
 
 
 def _check_regions(

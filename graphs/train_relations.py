@@ -5,7 +5,8 @@ background at index 0, T ground-truth relations of one image.
 
 A sample is one image as a dict:
 
-- ``features``: (R, D) float32 region features;
+- ``features``: (R, D) float16 or float32 region features; float16 stays float16 in
+  memory and is converted per batch;
 - ``object_ids``: (R,) int object classes in 0..K-1;
 - ``boxes``: (R, 4) float x1, y1, x2, y2 in pixels;
 - ``image_size``: (height, width) in pixels;
@@ -39,14 +40,16 @@ from pipeline.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cmsei.relation_predictor"
-CHECKPOINT_VERSION = 1
+# Version 2 stores the sparse frequency bias (frequency_keys and an (M + 1, P) table);
+# version 1 stored a dense (K * K, P) table.
+CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class _Image:
     """One validated sample as CPU tensors, plus its unrelated pairs."""
 
-    features: torch.Tensor  # (R, D) float32
+    features: torch.Tensor  # (R, D) float16 or float32
     object_ids: torch.Tensor  # (R,) int64
     boxes: torch.Tensor  # (R, 4) float32
     image_size: torch.Tensor  # (2,) float32
@@ -83,14 +86,16 @@ def frequency_log_probs(
     *,
     negative_ratio: float = 3.0,
     smoothing: float = 1.0,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Estimate log p(predicate | subject class, object class) from training samples.
 
     Each relation counts once for its predicate. Background counts are the expected
     numbers of sampled negatives, spread evenly over each image's unrelated pairs, so
-    the table matches the class balance of the training batches. Counts are smoothed
-    towards the overall predicate distribution with weight ``smoothing``, so class
-    pairs never seen in training get that distribution.
+    the table matches the class balance of the training batches. Every class pair
+    with at least one relation gets its own row. All other pairs, related in no
+    sample or never seen, share the last row, estimated from the pooled counts of the
+    pairs without relations. Counts are smoothed towards the overall predicate
+    distribution with weight ``smoothing``.
 
     Args:
         samples: image dicts as described in the module docstring.
@@ -100,7 +105,8 @@ def frequency_log_probs(
         smoothing: pseudo-count of the overall distribution, positive.
 
     Returns:
-        (K * K, P) float32, row ``subject_class * K + object_class``.
+        keys: (M,) int64, the sorted class pair keys ``subject_class * K + object_class``.
+        log_probs: (M + 1, P) float32, row m for ``keys[m]`` and row M for all other pairs.
 
     Raises:
         ValueError: on an invalid sample (naming it) or a non-positive smoothing.
@@ -181,7 +187,7 @@ def train_relation_predictor(
         hidden_dim=hidden_dim,
         dropout=dropout,
     )
-    model.init_frequency_bias(_frequency_table(images, num_object_classes, num_predicates, negative_ratio, 1.0))
+    model.set_frequency_bias(*_frequency_table(images, num_object_classes, num_predicates, negative_ratio, 1.0))
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     logger.info(
@@ -329,7 +335,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "auto"
         raise ValueError(f"{path} is not a relation predictor checkpoint (format {CHECKPOINT_FORMAT!r} missing)")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
-            f"{path} has checkpoint version {checkpoint.get('version')!r}; this code reads version {CHECKPOINT_VERSION}"
+            f"{path} has checkpoint version {checkpoint.get('version')!r}; this code reads version "
+            f"{CHECKPOINT_VERSION} only, so retrain it with `cmsei-prep train-relations`"
         )
 
     try:
@@ -367,7 +374,8 @@ def _prepare_sample(
     if missing:
         raise ValueError(f"sample {index} lacks {missing}; see graphs.train_relations for the sample layout")
 
-    features = torch.as_tensor(np.asarray(sample["features"], dtype=np.float32))
+    raw_features = np.asarray(sample["features"])
+    features = torch.as_tensor(raw_features if raw_features.dtype == np.float16 else raw_features.astype(np.float32))
     count = features.shape[0] if features.ndim == 2 else -1
     if count < 0 or (feature_dim is not None and features.shape[1] != feature_dim):
         raise ValueError(f"sample {index}: features must have shape (R, {feature_dim or 'D'}), got {tuple(features.shape)}")
@@ -419,20 +427,35 @@ def _negative_count(image: _Image, negative_ratio: float) -> int:
 
 def _frequency_table(
     images: list[_Image], num_object_classes: int, num_predicates: int, negative_ratio: float, smoothing: float
-) -> np.ndarray:
-    counts = np.zeros((num_object_classes * num_object_classes, num_predicates), dtype=np.float64)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Count predicates per class pair key and return (keys, smoothed log probabilities)."""
+    keys, predicates, weights = [], [], []
     for image in images:
         classes = image.object_ids.numpy()
         relations = image.relations.numpy()
-        np.add.at(counts, (classes[relations[:, 0]] * num_object_classes + classes[relations[:, 1]], relations[:, 2]), 1.0)
+        keys.append(classes[relations[:, 0]] * num_object_classes + classes[relations[:, 1]])
+        predicates.append(relations[:, 2])
+        weights.append(np.ones(relations.shape[0]))
         if image.unrelated.shape[0]:
             unrelated = image.unrelated.numpy()
-            weight = _negative_count(image, negative_ratio) / unrelated.shape[0]
-            np.add.at(counts[:, 0], classes[unrelated[:, 0]] * num_object_classes + classes[unrelated[:, 1]], weight)
+            keys.append(classes[unrelated[:, 0]] * num_object_classes + classes[unrelated[:, 1]])
+            predicates.append(np.zeros(unrelated.shape[0], dtype=np.int64))
+            weights.append(np.full(unrelated.shape[0], _negative_count(image, negative_ratio) / unrelated.shape[0]))
+    keys_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    predicates_all = np.concatenate(predicates) if predicates else np.zeros(0, np.int64)
+    weights_all = np.concatenate(weights) if weights else np.zeros(0)
 
+    related_keys = np.unique(keys_all[predicates_all > 0])
+    rows = np.searchsorted(related_keys, keys_all)
+    member = rows < related_keys.shape[0]
+    member[member] = related_keys[rows[member]] == keys_all[member]
+    rows[~member] = related_keys.shape[0]
+
+    counts = np.zeros((related_keys.shape[0] + 1, num_predicates), dtype=np.float64)
+    np.add.at(counts, (rows, predicates_all), weights_all)
     overall = (counts.sum(axis=0) + 1.0) / (counts.sum() + num_predicates)
     probabilities = (counts + smoothing * overall) / (counts.sum(axis=1, keepdims=True) + smoothing)
-    return np.log(probabilities).astype(np.float32)
+    return related_keys.astype(np.int64), np.log(probabilities).astype(np.float32)
 
 
 def _training_batch(
@@ -459,7 +482,7 @@ def _training_batch(
     boxes = torch.cat([image.boxes for image in images]).to(device)
     pairs = torch.cat(pair_rows).to(device)
     inputs = (
-        torch.cat([image.features for image in images]).to(device),
+        torch.cat([image.features for image in images]).to(device=device, dtype=torch.float32),
         torch.cat([image.object_ids for image in images]).to(device),
         pairs,
         pair_geometry(boxes, pairs, torch.cat(sizes).to(device)),

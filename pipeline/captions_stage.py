@@ -26,6 +26,7 @@ from pipeline.atomic import atomic_path, remove_temporaries, write_json
 from pipeline.caption_shards import CaptionShard, CaptionShardWriter, shard_file_name, verify_caption_shard
 from pipeline.dataset import CAPTIONS, REGIONS
 from pipeline.manifest import file_sha256, prepare_stage, read_manifest
+from pipeline.cluster import check_shared_storage
 from pipeline.ray_runner import RayOptions, TaskOutcome, create_progress_counter, init_ray, lookup_progress_counter, run_tasks
 
 logger = logging.getLogger(__name__)
@@ -204,8 +205,8 @@ def _run_workers(options: CaptionsOptions, model: str, tasks: list[CaptionTask])
     progress, progress_name = create_progress_counter()
     actor_class = ray.remote(CaptionWorker).options(num_cpus=cpus, memory=options.ray.memory_per_worker,
                                                     max_restarts=4, max_task_retries=0)
+    check_shared_storage(Path(tasks[0].out_path).parent)
     actors = [actor_class.remote(model, options.batch_size, progress_name) for _ in range(workers)]
-    ray.get([actor.model_name.remote() for actor in actors])
     logger.info("%d caption workers with spaCy model %s", workers, model)
     return run_tasks(
         actors, tasks,
@@ -216,6 +217,8 @@ def _run_workers(options: CaptionsOptions, model: str, tasks: list[CaptionTask])
         description="captions",
         max_retries=options.ray.max_retries,
         unit="caption",
+        replace=lambda: actor_class.remote(model, options.batch_size, progress_name),
+        start_timeout_s=options.ray.start_timeout_s,
     )
 
 

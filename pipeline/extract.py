@@ -6,7 +6,10 @@ Python API behind ``cmsei-prep extract``::
     summary = extract_images(ExtractOptions(images="photos/", out="DATA", detector="tiny", weights="untrained"))
 
 Images are sorted by id and cut into fixed-size shards, so the assignment of images to
-shard files is deterministic and a rerun redoes only missing or partial shards.
+shard files is deterministic and a rerun redoes only missing or partial shards. On a
+multi-node cluster, every node must see the output folder, which is checked before the
+workers start. A shard whose node is lost is redone on another node, and its partial
+file is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -16,17 +19,26 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import ray
 
 from pipeline.atomic import remove_temporaries, write_json
+from pipeline.cluster import check_shared_storage, max_node_resource
 from pipeline.dataset import REGIONS
-from pipeline.extract_worker import ExtractionWorker, ShardTask, WorkerSettings
+from pipeline.extract_worker import ExtractionWorker, ShardReport, ShardTask, WorkerSettings
 from pipeline.inputs import InputListing, discover_images
 from pipeline.manifest import file_sha256, prepare_stage, write_listing
-from pipeline.ray_runner import RayOptions, TaskOutcome, create_progress_counter, init_ray, run_tasks
+from pipeline.ray_runner import (
+    PoolStats,
+    RayOptions,
+    TaskOutcome,
+    WorkerStartError,
+    create_progress_counter,
+    init_ray,
+    run_tasks,
+)
 from pipeline.region_index import write_region_index
 from pipeline.region_shards import shard_file_name, verify_region_shard
 
@@ -77,6 +89,11 @@ class ExtractSummary:
     failed_shards: dict[int, str]
     seconds: float
     per_node: dict[str, dict[str, float]]
+    per_worker: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shards_retried: int = 0
+    workers_started: int = 0
+    workers_lost: int = 0
+    workers_replaced: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -91,8 +108,10 @@ def extract_images(options: ExtractOptions) -> ExtractSummary:
     """Run the extraction stage and return its summary.
 
     Raises:
-        ExtractError: missing weights, empty input, unreadable ``--boxes`` file, bad options.
+        ExtractError: missing weights, empty input, unreadable ``--boxes`` file, bad options,
+            or no worker could build its detector.
         pipeline.manifest.StageConflictError: the output holds a run over other inputs.
+        pipeline.cluster.StorageCheckError: a node cannot see or write the output folder.
         FileNotFoundError: ``options.images`` does not exist.
     """
     started = time.monotonic()
@@ -126,11 +145,19 @@ def extract_images(options: ExtractOptions) -> ExtractSummary:
                   None if boxes is None else {i: boxes[i] for i in shard_ids[index] if i in boxes})
         for index in pending
     ]
-    outcomes = _run_workers(options, config, tasks) if tasks else []
+    pool_stats = PoolStats()
+    outcomes = _run_workers(options, config, tasks, stage_dir, pool_stats) if tasks else []
+    leftovers = remove_temporaries(stage_dir)
+    if leftovers:
+        logger.info("removed %d partial shard files left by lost or failed workers", len(leftovers))
 
     failed_shards = {outcome.key: outcome.error for outcome in outcomes if outcome.error}
     index_frame = write_region_index(stage_dir, shard_ids, listing, failed_shards)
     summary = _summarise(index_frame, listing, shard_ids, outcomes, failed_shards, time.monotonic() - started)
+    summary.shards_retried = pool_stats.tasks_retried
+    summary.workers_started = pool_stats.workers_started
+    summary.workers_lost = pool_stats.workers_lost
+    summary.workers_replaced = pool_stats.workers_replaced
     write_json(stage_dir / "summary.json", summary.to_dict())
     _log_summary(summary)
     return summary
@@ -204,9 +231,11 @@ def _shard_is_complete(stage_dir: Path, index: int, image_ids: list[str]) -> boo
     return True
 
 
-def _run_workers(options: ExtractOptions, config: dict[str, Any], tasks: list[ShardTask]) -> list[TaskOutcome]:
+def _run_workers(options: ExtractOptions, config: dict[str, Any], tasks: list[ShardTask], stage_dir: Path,
+                 stats: PoolStats) -> list[TaskOutcome]:
     ray_options = options.ray
     init_ray(ray_options.address)
+    check_shared_storage(stage_dir)
     workers, cpus, gpus = _size_pool(ray_options, options.device, len(tasks))
     settings = WorkerSettings(
         detector=options.detector,
@@ -223,28 +252,44 @@ def _run_workers(options: ExtractOptions, config: dict[str, Any], tasks: list[Sh
         shard_attrs={"config": config},
     )
     progress, progress_name = create_progress_counter()
+    # No Ray restarts: the pool replaces a dead worker with a fresh actor that any node
+    # with free resources may take, instead of one tied to a lost node.
     actor_class = ray.remote(ExtractionWorker).options(
-        num_cpus=cpus, num_gpus=gpus, memory=ray_options.memory_per_worker, max_restarts=4, max_task_retries=0
+        num_cpus=cpus, num_gpus=gpus, memory=ray_options.memory_per_worker, max_restarts=0, max_task_retries=0
     )
-    actors = [actor_class.remote(settings, progress_name) for _ in range(workers)]
-    _wait_ready(actors)
-    logger.info("%d workers with %s CPUs and %s GPUs each", workers, cpus, gpus)
 
+    def start_worker() -> Any:
+        return actor_class.remote(settings, progress_name)
+
+    actors = [start_worker() for _ in range(workers)]
+    logger.info("%d workers requested with %s CPUs and %s GPUs each", workers, cpus, gpus)
     total = sum(len(task.image_ids) for task in tasks)
-    return run_tasks(
-        actors,
-        tasks,
-        submit=lambda actor, task: actor.process_shard.remote(task),
-        key=lambda task: task.shard_index,
-        progress=progress,
-        total_items=total,
-        description="extract",
-        max_retries=ray_options.max_retries,
-    )
+    try:
+        return run_tasks(
+            actors,
+            tasks,
+            submit=lambda actor, task: actor.process_shard.remote(task),
+            key=lambda task: task.shard_index,
+            progress=progress,
+            total_items=total,
+            description="extract",
+            max_retries=ray_options.max_retries,
+            ready=lambda actor: actor.describe.remote(),
+            replace=start_worker,
+            stats=stats,
+            start_timeout_s=ray_options.start_timeout_s,
+        )
+    except WorkerStartError as error:
+        raise ExtractError(f"no worker could start its detector: {error}") from None
 
 
 def _size_pool(options: RayOptions, device: str, num_tasks: int) -> tuple[int, float, float]:
-    """Return (workers, CPUs per worker, GPUs per worker), filling unset values from the cluster."""
+    """Return (workers, CPUs per worker, GPUs per worker), filling unset values from the cluster.
+
+    A default CPU count never exceeds the largest node's CPUs, so that a worker fits on
+    one node. More workers than the cluster can hold at once are allowed: Ray places the
+    rest as resources free up or nodes join.
+    """
     resources = ray.cluster_resources()
     total_cpus = max(1, int(resources.get("CPU", 1)))
     total_gpus = int(resources.get("GPU", 0))
@@ -257,39 +302,29 @@ def _size_pool(options: RayOptions, device: str, num_tasks: int) -> tuple[int, f
         workers = max(1, min(num_tasks, int(total_gpus / gpus)))
     else:
         workers = max(1, min(num_tasks, total_cpus))
-    cpus = options.cpus_per_worker or max(1, total_cpus // workers)
+    node_cpus = max(1, int(max_node_resource("CPU")))
+    cpus = options.cpus_per_worker or max(1, min(node_cpus, total_cpus // workers))
+    _warn_if_oversubscribed(workers, float(cpus), float(gpus), total_cpus, total_gpus)
     return workers, float(cpus), float(gpus)
 
 
-def _wait_ready(actors: list[Any]) -> None:
-    """Wait until every worker has built its detector; surface a construction error clearly."""
-    try:
-        ray.get([actor.describe.remote() for actor in actors])
-    except ray.exceptions.RayActorError as error:
-        cause = getattr(error, "error_msg", None) or str(error)
-        raise ExtractError(f"a worker could not start its detector: {_last_line(cause)}") from None
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line]
-    return (errors[-1] if errors else lines[-1] if lines else "unknown error")[:500]
+def _warn_if_oversubscribed(workers: int, cpus: float, gpus: float, total_cpus: int, total_gpus: int) -> None:
+    if cpus > max_node_resource("CPU") or gpus > max_node_resource("GPU"):
+        logger.warning(
+            "no node offers %s CPUs and %s GPUs for one worker now; workers wait until such a node joins "
+            "(an autoscaler, say) or --start-timeout passes", cpus, gpus,
+        )
+        return
+    placed = min(int(total_cpus // cpus), int(total_gpus // gpus) if gpus else workers)
+    if placed < workers:
+        logger.info("the cluster holds about %d of the %d workers at once; the others start as Ray places them",
+                    placed, workers)
 
 
 def _summarise(index_frame: pd.DataFrame, listing: InputListing, shard_ids: list[list[str]],
                outcomes: list[TaskOutcome], failed_shards: dict, seconds: float) -> ExtractSummary:
     status = Counter(index_frame["status"])
-    per_node: dict[str, dict[str, float]] = {}
-    for outcome in outcomes:
-        if outcome.result is None:
-            continue
-        report = outcome.result
-        node = per_node.setdefault(report.node, {"images": 0, "seconds": 0.0, "peak_rss_mb": 0.0})
-        node["images"] += report.num_ok + report.num_failed
-        node["seconds"] += report.seconds
-        node["peak_rss_mb"] = max(node["peak_rss_mb"], report.peak_rss_mb)
-    for node in per_node.values():
-        node["images_per_s"] = node["images"] / node["seconds"] if node["seconds"] else 0.0
+    reports = [outcome.result for outcome in outcomes if outcome.result is not None]
     return ExtractSummary(
         num_images=len(listing.entries),
         num_ok=status.get("ok", 0),
@@ -301,8 +336,36 @@ def _summarise(index_frame: pd.DataFrame, listing: InputListing, shard_ids: list
         shards_reused=len(shard_ids) - len(outcomes),
         failed_shards={int(k): v for k, v in failed_shards.items()},
         seconds=seconds,
-        per_node=per_node,
+        per_node=_throughput_by(reports, lambda report: report.node),
+        per_worker=_throughput_by(reports, lambda report: report.worker or report.node),
     )
+
+
+def _throughput_by(reports: list[ShardReport], group: Callable[[ShardReport], str]) -> dict[str, dict[str, Any]]:
+    """Sum the shard reports per group (node or worker).
+
+    Per group: images, shards, worker-seconds, ``images_per_s`` (images per
+    worker-second, so the rate of one worker), ``input_wait_share`` (share of the
+    worker-seconds spent blocked on image decoding), workers, and the peak memory of one
+    worker process.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        figures = groups.setdefault(group(report), {
+            "images": 0, "shards": 0, "seconds": 0.0, "input_wait_seconds": 0.0, "peak_rss_mb": 0.0, "workers": set(),
+        })
+        figures["images"] += report.num_ok + report.num_failed
+        figures["shards"] += 1
+        figures["seconds"] += report.seconds
+        figures["input_wait_seconds"] += report.input_wait_seconds
+        figures["peak_rss_mb"] = max(figures["peak_rss_mb"], report.peak_rss_mb)
+        figures["workers"].add(report.worker)
+    for figures in groups.values():
+        seconds = figures["seconds"]
+        figures["workers"] = len(figures["workers"])
+        figures["images_per_s"] = figures["images"] / seconds if seconds else 0.0
+        figures["input_wait_share"] = figures["input_wait_seconds"] / seconds if seconds else 0.0
+    return dict(sorted(groups.items()))
 
 
 def _log_summary(summary: ExtractSummary) -> None:
@@ -312,10 +375,15 @@ def _log_summary(summary: ExtractSummary) -> None:
         summary.num_images, summary.num_ok, summary.num_failed, summary.num_skipped, summary.num_regions,
         summary.shards_written, summary.shards_reused, len(summary.failed_shards), summary.seconds,
     )
+    if summary.workers_lost or summary.shards_retried:
+        logger.warning("%d workers lost, %d replaced, %d shard attempts retried",
+                       summary.workers_lost, summary.workers_replaced, summary.shards_retried)
     for node, figures in summary.per_node.items():
         logger.info(
-            "node %s: %d images, %.2f images/s per worker, peak worker memory %.0f MiB",
-            node, figures["images"], figures["images_per_s"], figures["peak_rss_mb"],
+            "node %s: %d images in %d shards by %d workers, %.2f images/s per worker, %.0f%% of worker time "
+            "waiting for input, peak worker memory %.0f MiB",
+            node, figures["images"], figures["shards"], figures["workers"], figures["images_per_s"],
+            100 * figures["input_wait_share"], figures["peak_rss_mb"],
         )
     for index, reason in summary.failed_shards.items():
         logger.error("shard %d failed: %s", index, reason)

@@ -4,14 +4,15 @@ Shapes: N images in a shard, B images in a batch, R regions per image, D feature
 Inside the actor, images decode in a thread pool ahead of inference, each window of
 decoded images is grouped into batches of similar aspect ratio (padding changes
 features near image borders, so similar shapes pad less), and rows are written in the
-shard's listing order.
+shard's listing order. The time the actor spends blocked on decoding is reported per
+shard as its input wait.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class ShardReport:
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    worker: str = ""
+    input_wait_seconds: float = 0.0
 
 
 @dataclass
@@ -74,12 +77,15 @@ class ExtractionWorker:
         import torch
 
         from extractors.extractor import build_extractor
+        from pipeline.cluster import current_node_label
         from pipeline.ray_runner import lookup_progress_counter
 
         torch.set_num_threads(max(1, settings.torch_threads))
         self.settings = settings
         self.progress = lookup_progress_counter(progress_name)
-        self.node = socket.gethostname()
+        self.node = current_node_label()
+        self.worker = f"{self.node} pid {os.getpid()}"
+        self._input_wait_seconds = 0.0
         self.extractor = build_extractor(
             detector=settings.detector,
             overrides=settings.overrides,
@@ -96,11 +102,10 @@ class ExtractionWorker:
 
     def process_shard(self, task: ShardTask) -> ShardReport:
         """Extract every image of ``task`` and publish its shard file atomically."""
-        import time
-
         from pipeline.region_shards import RegionShardWriter
 
         started = time.monotonic()
+        self._input_wait_seconds = 0.0
         out_path = Path(task.out_path)
         _check_writable(out_path.parent, self.node)
         extractor = self.extractor
@@ -116,7 +121,7 @@ class ExtractionWorker:
             attribute_names=extractor.attribute_names,
             compression=self.settings.compression,
         )
-        report = ShardReport(task.shard_index, self.node, 0, 0, 0)
+        report = ShardReport(task.shard_index, self.node, 0, 0, 0, worker=self.worker)
         with writer:
             for image_id, outcome in self._iter_outcomes(task):
                 if isinstance(outcome, str):
@@ -129,6 +134,7 @@ class ExtractionWorker:
                     report.num_ok += 1
                     report.num_regions += len(regions["boxes"])
         report.seconds = time.monotonic() - started
+        report.input_wait_seconds = self._input_wait_seconds
         report.peak_rss_mb = _peak_rss_mb()
         return report
 
@@ -140,7 +146,9 @@ class ExtractionWorker:
         for start in range(0, count, window):
             current = pending
             pending = self._submit_decodes(task, start + window, window)
+            waiting_since = time.monotonic()
             decoded = [future.result() for future in current]
+            self._input_wait_seconds += time.monotonic() - waiting_since
             outcomes = self._extract_window(task, start, decoded)
             for offset, outcome in enumerate(outcomes):
                 yield task.image_ids[start + offset], outcome
@@ -248,9 +256,9 @@ def _peak_rss_mb() -> float:
 
 
 def _check_writable(folder: Path, node: str) -> None:
-    probe = folder / f".write-probe-{node}-{os.getpid()}"
+    probe = folder / f".write-probe-{os.getpid()}-{time.monotonic_ns()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(f"worker on node {node} cannot write to {folder}: {error.strerror}") from None
+        raise PermissionError(f"node {node} cannot write to {folder}: {error.strerror}") from None

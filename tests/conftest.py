@@ -31,9 +31,6 @@ def ray_local():
 
     from pipeline.ray_runner import init_ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
-    init_ray()
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()

@@ -292,7 +292,7 @@ def test_batch_matches_single_for_largest_image(tiny):
     batch = tiny.extract([largest, smaller], boxes=boxes)[0]
 
     # The largest image needs no padding, so the batch changes nothing for it. Detected
-    # boxes are not compared: untrained class scores are nearly uniform, so float noise
+    # boxes are not compared. Untrained class scores are nearly uniform, so float noise
     # of the batched convolutions can reorder them.
     np.testing.assert_allclose(batch["features"], single["features"], rtol=1e-4, atol=1e-4)
 
@@ -305,7 +305,7 @@ def test_batch_close_to_single_for_padded_image(tiny):
     batch = tiny.extract([largest, smaller], boxes=[np.zeros((0, 4), np.float32), boxes[0]])[1]
     single = tiny.extract([smaller], boxes=boxes)[0]
 
-    # Padding only changes activations near the right and bottom edges.
+    # Padding changes activations mostly near the right and bottom edges.
     cosine = np.sum(batch["features"] * single["features"], axis=1) / (
         np.linalg.norm(batch["features"], axis=1) * np.linalg.norm(single["features"], axis=1))
     assert np.all(cosine > 0.9)
@@ -385,3 +385,28 @@ def test_backend_detectron2_absent():
 def test_invalid_override_named():
     with pytest.raises(ValueError, match="max_boxes"):
         build_extractor("tiny", overrides={"max_boxes": 0}, weights="untrained")
+
+
+def test_speedups_keep_features(tiny):
+    plain = tiny_with(fold_batchnorm=False, channels_last=False)
+    image = synthetic_image(21, 240, 320)
+    boxes = [np.array([[0, 0, 320, 240], [30, 40, 200, 180], [150, 100, 310, 230]], np.float32)]
+
+    fast = tiny.extract([image], boxes=boxes)[0]
+    reference = plain.extract([image], boxes=boxes)[0]
+
+    assert tiny.config["fold_batchnorm"] and tiny.config["channels_last"]
+    np.testing.assert_allclose(fast["features"], reference["features"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(fast["object_ids"], reference["object_ids"])
+
+
+def test_zero_regions_everywhere():
+    extractor = tiny_with(conf_thresh=1.0, min_boxes=0, store_class_boxes=True)
+    images = [synthetic_image(22, 120, 160), synthetic_image(23, 90, 90)]
+
+    detected = extractor.extract(images)
+    given = extractor.extract(images, boxes=[np.zeros((0, 4), np.float32)] * 2)
+
+    for regions in detected + given:
+        assert_schema(regions, extractor.feature_dim, has_class_boxes=True)
+        assert regions["boxes"].shape[0] == 0

@@ -34,8 +34,9 @@ def reference(tmp_path_factory):
         rpn_post_nms_top_n_test=60, box_score_thresh=0.05, box_detections_per_img=100,
     )
     with torch.no_grad():
-        # A larger spread of class logits gives a few confident detections.
-        model.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
+        # A larger spread of class logits gives a few confident detections, while
+        # staying below saturation, where tied scores would make the order arbitrary.
+        model.roi_heads.box_predictor.cls_score.weight.mul_(8.0)
     model.eval()
     path = tmp_path_factory.mktemp("fpn") / "fasterrcnn.pth"
     torch.save(model.state_dict(), path)
@@ -103,3 +104,27 @@ def test_fpn_batch_and_class_boxes(tmp_path):
         np.testing.assert_array_equal(regions["class_boxes"], regions["boxes"])
         assert np.all(regions["boxes"][:, 2] <= image.shape[1])
         assert np.all(regions["boxes"][:, 3] <= image.shape[0])
+
+
+def test_fpn_no_proposal_gives_whole_image():
+    extractor = build_extractor("frcnn-r50-fpn", overrides=SMALL_FPN, weights="untrained",
+                                device="cpu")
+    # A minimum proposal size above any image side makes torchvision's RPN drop everything.
+    extractor.model.model.rpn.min_size = 1e9
+    image = synthetic_image(4, 120, 160)
+
+    regions = extractor.extract([image])[0]
+
+    np.testing.assert_array_equal(regions["boxes"], [[0, 0, 160, 120]])
+    assert regions["features"].shape == (1, 1024)
+    assert regions["object_ids"].shape == (1,)
+
+
+def test_fpn_given_boxes_empty(reference):
+    _, extractor = reference
+    image = synthetic_image(5, 120, 160)
+
+    regions = extractor.extract([image], boxes=[np.zeros((0, 4), np.float32)])[0]
+
+    assert regions["features"].shape == (0, 1024)
+    assert regions["object_ids"].dtype == np.int32

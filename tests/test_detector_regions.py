@@ -128,3 +128,35 @@ def test_select_detections_fills_min_boxes():
 
     assert regions.shape[0] == 5
     assert (regions[0].item(), labels[0].item()) == (0, 0)
+
+
+def _select_all_at_once(class_boxes, probs, config):
+    """NMS over every candidate, then the count clamp: what select_detections must equal."""
+    num_classes = probs.shape[1]
+    boxes = class_boxes.reshape(-1, 4)
+    scores = probs.reshape(-1)
+    labels = torch.arange(num_classes).repeat(probs.shape[0])
+    keep = batched_nms(boxes, scores, labels, config["selection_nms_thresh"])
+    keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    chosen = keep[clamp_count(scores[keep], config["conf_thresh"], config["min_boxes"],
+                              config["max_boxes"], config["num_boxes"])]
+    return chosen // num_classes, chosen % num_classes
+
+
+def test_select_detections_candidate_doubling():
+    generator = torch.Generator().manual_seed(8)
+    count, classes = 60, 9
+    class_boxes = _random_boxes(generator, count * classes).reshape(count, classes, 4)
+    probs = (torch.randn((count, classes + 1), generator=generator) * 2).softmax(dim=1)[:, 1:]
+    cases = [(0.3, 0, 100, None), (0.3, 20, 100, None), (0.0, 0, 7, None), (0.9, 0, 50, None),
+             (0.3, 0, 100, 36), (0.05, 5, 10, None)]
+
+    for conf_thresh, min_boxes, max_boxes, num_boxes in cases:
+        config = {"selection_nms_thresh": 0.5, "conf_thresh": conf_thresh,
+                  "min_boxes": min_boxes, "max_boxes": max_boxes, "num_boxes": num_boxes}
+        expected = _select_all_at_once(class_boxes, probs, config)
+
+        for first in (1, 5, 64, 10_000):
+            regions, labels = select_detections(class_boxes, probs, config, first_candidates=first)
+            assert regions.tolist() == expected[0].tolist(), (config, first)
+            assert labels.tolist() == expected[1].tolist(), (config, first)

@@ -189,24 +189,72 @@ def test_model_rejects_missing_background():
 
 def test_frequency_bias_starts_from_log_frequencies():
     scenes = make_scenes(20, seed=5)
-    table = frequency_log_probs(scenes, NUM_CLASSES, len(PREDICATES))
-    assert table.shape == (NUM_CLASSES * NUM_CLASSES, len(PREDICATES))
+    keys, table = frequency_log_probs(scenes, NUM_CLASSES, len(PREDICATES))
+    assert table.shape == (keys.shape[0] + 1, len(PREDICATES))
+    assert keys.dtype == np.int64
+    assert (np.diff(keys) > 0).all()
     np.testing.assert_allclose(np.exp(table).sum(axis=1), 1.0, rtol=1e-5)
 
-    # Class pairs of different parity never relate, so background dominates their rows.
-    odd_pair = 0 * NUM_CLASSES + 1
-    assert table[odd_pair].argmax() == 0
-    assert table[odd_pair, 0] > np.log(0.9)
+    # Only class pairs of the same parity ever relate, so they alone get their own rows.
+    subjects, objects = keys // NUM_CLASSES, keys % NUM_CLASSES
+    assert ((subjects + objects) % 2 == 0).all()
+    # The shared last row counts the pairs of different parity, so background dominates it.
+    assert table[-1].argmax() == 0
+    assert table[-1, 0] > np.log(0.9)
 
     model = RelationPredictor(FEATURE_DIM, NUM_CLASSES, PREDICATES)
-    model.init_frequency_bias(table)
+    model.set_frequency_bias(keys, table)
     torch.testing.assert_close(model.frequency_bias.weight.detach(), torch.from_numpy(table))
+    torch.testing.assert_close(model.frequency_keys, torch.from_numpy(keys))
 
 
-def test_init_frequency_bias_rejects_wrong_shape():
+def test_frequency_rows_find_keys():
     model = RelationPredictor(FEATURE_DIM, NUM_CLASSES, PREDICATES)
-    with pytest.raises(ValueError, match="shape"):
-        model.init_frequency_bias(np.zeros((3, 3)))
+    keys = np.array([0 * NUM_CLASSES + 2, 1 * NUM_CLASSES + 1, 4 * NUM_CLASSES + 4])
+    model.set_frequency_bias(keys, np.zeros((4, len(PREDICATES)), np.float32))
+    subjects = torch.tensor([0, 1, 4, 2, 0, 4])
+    objects = torch.tensor([2, 1, 4, 0, 0, 3])
+    assert model.frequency_rows(subjects, objects).tolist() == [0, 1, 2, 3, 3, 3]
+
+
+def test_frequency_rows_without_keys():
+    model = RelationPredictor(FEATURE_DIM, NUM_CLASSES, PREDICATES)
+    rows = model.frequency_rows(torch.tensor([0, 3]), torch.tensor([1, 4]))
+    assert rows.tolist() == [0, 0]
+
+
+def test_frequency_bias_is_small_for_detector_classes():
+    # 1600 classes would need a dense table of 1600 * 1600 rows; the sparse one grows with M.
+    model = RelationPredictor(256, 1600, PREDICATES, num_frequency_pairs=0)
+    keys = np.array([5 * 1600 + 7, 1599 * 1600 + 1599])
+    model.set_frequency_bias(keys, np.zeros((3, len(PREDICATES)), np.float32))
+    assert model.frequency_bias.weight.shape == (3, len(PREDICATES))
+    assert model.frequency_rows(torch.tensor([1599, 5, 7]), torch.tensor([1599, 7, 5])).tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("keys", "table_rows", "message"),
+    [
+        (np.array([3, 1]), 3, "strictly increasing"),
+        (np.array([1, 1]), 3, "strictly increasing"),
+        (np.array([NUM_CLASSES * NUM_CLASSES]), 2, "must lie in"),
+        (np.array([-1]), 2, "must lie in"),
+        (np.array([0.5]), 2, "integer"),
+        (np.array([1, 2]), 2, r"shape \(3, 5\)"),
+    ],
+)
+def test_set_frequency_bias_rejects_bad_tables(keys, table_rows, message):
+    model = RelationPredictor(FEATURE_DIM, NUM_CLASSES, PREDICATES)
+    with pytest.raises(ValueError, match=message):
+        model.set_frequency_bias(keys, np.zeros((table_rows, len(PREDICATES)), np.float32))
+
+
+def test_set_frequency_bias_rejects_infinity():
+    model = RelationPredictor(FEATURE_DIM, NUM_CLASSES, PREDICATES)
+    table = np.zeros((2, len(PREDICATES)), np.float32)
+    table[1, 2] = -np.inf
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        model.set_frequency_bias(np.array([3]), table)
 
 
 # predict_image.
@@ -309,11 +357,12 @@ def test_evaluate_recall_counts_hits_exactly():
     with torch.no_grad():
         model.classifier[-1].weight.zero_()
         model.classifier[-1].bias.zero_()
-        table = np.full((NUM_CLASSES * NUM_CLASSES, len(PREDICATES)), -10.0, dtype=np.float32)
+        keys = np.array([0 * NUM_CLASSES + 1, 1 * NUM_CLASSES + 2])
+        table = np.full((3, len(PREDICATES)), -10.0, dtype=np.float32)
         table[:, 1] = 0.0
-        table[0 * NUM_CLASSES + 1, 1] = 5.0  # (0, 1, "right of") ranks first
-        table[1 * NUM_CLASSES + 2, 3] = -5.0  # (1, 2, "right of") ranks 6th, (1, 2, "below") 7th
-        model.init_frequency_bias(table)
+        table[0, 1] = 5.0  # (0, 1, "right of") ranks first
+        table[1, 3] = -5.0  # (1, 2, "right of") ranks 6th, (1, 2, "below") 7th
+        model.set_frequency_bias(keys, table)
     boxes = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], dtype=np.float32)
     scene = {
         "features": np.zeros((3, FEATURE_DIM), np.float32),
@@ -385,6 +434,19 @@ def test_checkpoint_is_a_plain_dict(trained, tmp_path):
     assert checkpoint["predicate_names"] == list(PREDICATES)
     assert checkpoint["num_object_classes"] == NUM_CLASSES
     assert "frequency_bias.weight" in checkpoint["state_dict"]
+    keys = checkpoint["state_dict"]["frequency_keys"]
+    assert checkpoint["config"]["num_frequency_pairs"] == keys.shape[0]
+    assert checkpoint["state_dict"]["frequency_bias.weight"].shape == (keys.shape[0] + 1, len(PREDICATES))
+
+
+def test_load_checkpoint_rejects_version_1(trained, tmp_path):
+    model, _ = trained
+    path = tmp_path / "relations.pt"
+    save_checkpoint(path, model)
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "version": 1}, path)
+    with pytest.raises(ValueError, match="version 1.*retrain"):
+        load_checkpoint(path, device="cpu")
 
 
 def test_save_checkpoint_rejects_non_json_meta(trained, tmp_path):

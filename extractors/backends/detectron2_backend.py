@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extractors.checkpoint import WeightsError, read_state_dict
+from extractors.checkpoint import DETECTRON2_EXTRAS, WeightsError, read_state_dict, sha256_file
 from extractors.regions import select_butd_regions
 from extractors.rpn import apply_deltas, clip_boxes
 
@@ -179,7 +179,7 @@ class Detectron2Detector(nn.Module):
 
     def extract_regions(self, images: list[np.ndarray],
                         boxes: list[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Same contract as ``extractors.detector.C4Detector.extract_regions``."""
+        """Detect (or pool at given boxes) as ``C4Detector.extract_regions`` does."""
         device = next(self.parameters()).device
         inputs, scales = self._inputs(images)
         image_list = self.model.preprocess_image(inputs)
@@ -247,7 +247,7 @@ class Detectron2Detector(nn.Module):
             probs = attribute_logits[keep].softmax(dim=1)[:, :-1]
             regions["attribute_scores"], regions["attribute_ids"] = probs.max(dim=1)
         if self.config["store_class_boxes"]:
-            deltas = box_deltas[keep].view(keep.shape[0], -1, 4)
+            deltas = box_deltas[keep].view(keep.shape[0], self.config["num_classes"], 4)
             deltas = deltas[torch.arange(keep.shape[0], device=keep.device), object_ids]
             decoded = apply_deltas(deltas, proposals[keep], self.config["roi_bbox_reg_weights"])
             decoded = clip_boxes(decoded, resized_size[0], resized_size[1])
@@ -276,14 +276,12 @@ def build_detectron2_extractor(config: dict, weights: str | os.PathLike, device:
             detector = Detectron2Detector(config)
         digest = "untrained"
     else:
-        # The restricted reader rejects unsafe pickles before detectron2's checkpointer,
-        # which unpickles without restrictions, opens the file.
-        read_state_dict(weights)
+        # The restricted reader checks the file first, because detectron2's checkpointer
+        # unpickles .pkl files without restrictions.
+        state = read_state_dict(weights)
         detector = Detectron2Detector(config)
-        incompatible = DetectionCheckpointer(detector.model).load(os.fspath(weights))
-        _check_incompatible(incompatible, weights)
-        from extractors.checkpoint import sha256_file
-
+        _check_keys(list(state), detector.model, weights)
+        DetectionCheckpointer(detector.model).load(os.fspath(weights))
         digest = sha256_file(weights)
 
     detector.eval()
@@ -292,15 +290,24 @@ def build_detectron2_extractor(config: dict, weights: str | os.PathLike, device:
     return RegionExtractor(detector, config, device, digest, object_names, attribute_names)
 
 
-def _check_incompatible(incompatible, weights) -> None:
-    """Raise WeightsError when detectron2's checkpointer reports keys that do not fit."""
-    if incompatible is None:
-        return
-    missing = list(getattr(incompatible, "missing_keys", []))
-    unexpected = [k for k in getattr(incompatible, "unexpected_keys", [])
-                  if "anchor_generator.cell_anchors" not in k]
+def _check_keys(names: list[str], model: nn.Module, weights: str | os.PathLike) -> None:
+    """Raise WeightsError unless the file's names fit the detectron2 model.
+
+    Old detectron2 buffers (pixel statistics, cell anchors) may be present, and batch-norm
+    running statistics may be absent: detectron2's FrozenBatchNorm2d fills them with 0 / 1.
+    """
+    expected = set(model.state_dict())
+    present = set(names)
+    missing = sorted(
+        name for name in expected - present
+        if not (name.endswith(("running_mean", "running_var"))
+                and name.rsplit(".", 1)[0] + ".weight" in present)
+    )
+    unexpected = sorted(name for name in present - expected
+                        if not DETECTRON2_EXTRAS.fullmatch(name)
+                        and not name.endswith("num_batches_tracked"))
     if missing or unexpected:
         raise WeightsError(
-            f"weights {weights} do not fit the detectron2 model: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}"
+            f"weights {weights} do not fit the detectron2 model: {len(missing)} missing keys "
+            f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
         )
