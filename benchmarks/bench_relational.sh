@@ -13,8 +13,9 @@
 # 5. `cmsei-train` trains the full model, each ablation and the SCAN-style baseline, and
 #    `cmsei-eval` scores each on the 200 test images.
 #
-# The sizes below keep all six training runs within about 20 minutes on 2 CPU cores. Set the
-# variables to change them, e.g. EMBED_SIZE=1024 EPOCHS=20 on a GPU.
+# The sizes below (d = 128, 4 epochs of 90 steps of 32 pairs) keep all six training runs
+# within about 20 minutes on 2 busy CPU cores. Set the variables to change them, for example
+# EMBED_SIZE=1024 EPOCHS=20 MAX_STEPS= on a GPU (an empty MAX_STEPS runs whole epochs).
 set -euo pipefail
 
 BIN=${1:-.venv/bin}
@@ -23,11 +24,11 @@ PY="$BIN/python"
 TRAIN_IMAGES=${TRAIN_IMAGES:-2000}
 TEST_IMAGES=${TEST_IMAGES:-200}
 SIZE=${SIZE:-128}
-EMBED_SIZE=${EMBED_SIZE:-256}
-WORD_DIM=${WORD_DIM:-128}
+EMBED_SIZE=${EMBED_SIZE:-128}
+WORD_DIM=${WORD_DIM:-64}
 EPOCHS=${EPOCHS:-4}
 BATCH_SIZE=${BATCH_SIZE:-32}
-MAX_STEPS=${MAX_STEPS:-40}
+MAX_STEPS=${MAX_STEPS-90}
 LR=${LR:-5e-4}
 VAL_IMAGES=${VAL_IMAGES:-100}
 # One torch thread: on a machine whose cores are shared, 2 threads were several times slower.
@@ -69,8 +70,9 @@ for variant in $VARIANTS; do
     if [[ ! -f "$run/eval-test.json" ]]; then
         "$PY" -m cmsei_model.cli_train --data "$OUT/train" --out "$run" --overwrite --no-progress \
             --embed-size "$EMBED_SIZE" --word-dim "$WORD_DIM" --epochs "$EPOCHS" --lr "$LR" \
-            --batch-size "$BATCH_SIZE" --max-steps-per-epoch "$MAX_STEPS" --val-max-images "$VAL_IMAGES" \
-            --no-gradient-checkpointing --threads "$THREADS" --loader-workers 1 "${flags[@]}"
+            --batch-size "$BATCH_SIZE" ${MAX_STEPS:+--max-steps-per-epoch "$MAX_STEPS"} \
+            --val-max-images "$VAL_IMAGES" --no-gradient-checkpointing --threads "$THREADS" --loader-workers 1 \
+            "${flags[@]}"
         "$PY" -m cmsei_model.cli_eval --run "$run" --data "$OUT/test" --split test --loader-workers 1 \
             --threads "$THREADS" --json > "$run/eval-stdout.json"
     fi

@@ -1,8 +1,8 @@
 """Extraction images/s with one and with two worker processes, side by side.
 
 Each configuration runs ``cmsei-prep extract`` as a whole process on the embedded local
-Ray, timed end to end (Ray start, model construction and shard writing included), and
-the configurations alternate per repeat; medians are reported. From the run's
+Ray, timed end to end (Ray start, model construction and shard writing included). The
+configurations alternate per repeat, and medians are reported. From the run's
 ``summary.json`` the script also takes the worker phase: images divided by the busiest
 worker's summed shard seconds, which leaves out Ray start and model construction, and
 each worker's share of time blocked on image decoding (input wait).

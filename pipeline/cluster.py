@@ -101,6 +101,8 @@ def check_shared_storage(folder: str | os.PathLike, timeout_s: float = PROBE_TIM
             has one line per node: ``node <label> cannot write to <folder>: <reason>``.
         OSError: the driver itself cannot write the token file.
     """
+    # NOTE: nodes that join later (an autoscaler, say) are not probed. Only the
+    # extraction worker repeats a write check before each shard.
     folder = Path(folder).resolve()
     nodes = alive_nodes()
     if _driver_is_only_node(nodes):

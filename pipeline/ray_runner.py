@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from pipeline.worker_pool import PoolStats, WorkerPool, WorkerSlot, WorkerStartError, builtin_ready
+from pipeline.worker_pool import PoolStats, WorkerPool, WorkerSlot, WorkerStartError, actor_death_reason, builtin_ready
 
 __all__ = [
     "PoolStats", "ProgressCounter", "RayOptions", "TaskOutcome", "WorkerStartError", "create_progress_counter",
@@ -296,7 +296,7 @@ def _short_error(error: Exception) -> str:
         cause = error.cause if getattr(error, "cause", None) is not None else error
         return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
     if isinstance(error, RayActorError):
-        return "the worker process died (killed, out of memory, or its node was lost)"
+        return f"the worker process died (killed, out of memory, or its node was lost): {actor_death_reason(error)}"
     return str(error).splitlines()[0][:500]
 
 

@@ -168,6 +168,7 @@ class WorkerPool:
 
         waited = f"no worker has been running for {self._start_timeout_s:.0f} s"
         if self.stats.workers_started == 0:
+            self._drop_all()
             raise WorkerStartError(
                 f"{waited}: no node offers the CPUs, GPUs and memory one worker requests, or the workers cannot "
                 "start there; lower --cpus-per-worker, --gpus-per-worker or --memory-per-worker, add nodes, or "
@@ -185,7 +186,7 @@ class WorkerPool:
             logger.info("stopped %d workers that were still starting when the work ran out", len(starting))
 
     def _on_start_failure(self, slot: WorkerSlot, error: Exception) -> None:
-        reason = _first_line(error)
+        reason = actor_death_reason(error)
         if isinstance(error, RayActorError) and error.actor_init_failed:
             self.stats.workers_failed_to_start += 1
             self._first_start_error = self._first_start_error or _construction_error(error)
@@ -241,6 +242,18 @@ def _construction_error(error: RayActorError) -> str:
     return "unknown error"
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+def actor_death_reason(error: Exception) -> str:
+    """Return Ray's cause of an actor's death and its node IP, or the error's first line.
+
+    Ray's ActorDiedError message is a fixed first line, tab-indented fields (class name,
+    actor id, pid, ip, ...) and then the cause, e.g. that the actor's node died.
+    """
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    fields = dict(line.strip().split(": ", 1) for line in lines[1:] if line.startswith("\t") and ": " in line)
+    causes = [line.strip() for line in lines[1:] if not line.startswith("\t")]
+    reason = causes[0] if causes else lines[0].strip()
+    if "ip" in fields:
+        reason = f"{reason} (node IP {fields['ip']})"
+    return reason[:300]

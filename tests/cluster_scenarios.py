@@ -170,7 +170,10 @@ def storage_check_run(cluster: Any, images: Path, workdir: Path) -> dict[str, An
 
 
 def serve_node(gcs_address: str) -> int:
-    """Start one worker node of the cluster at ``gcs_address`` and keep it up until SIGTERM."""
+    """Start one worker node of the cluster at ``gcs_address``; keep it up until SIGTERM.
+
+    The node also stops when the scenario process that started it dies.
+    """
     import ray._private.node
     import ray._private.parameter
 
@@ -179,12 +182,14 @@ def serve_node(gcs_address: str) -> int:
         max_worker_port=0, **NODE_ARGS,
     )
     params.dashboard_agent_listen_port = None
+    parent = os.getppid()
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     sys.stdout.write(node.node_id + "\n")
     sys.stdout.flush()
-    stop.wait()
+    while not stop.is_set() and os.getppid() == parent:
+        stop.wait(1.0)
     node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
     return 0
 
