@@ -20,6 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="dataset folder with regions and graphs stages")
     parser.add_argument("--image", required=True, help="image id, as listed by `cmsei-prep inspect` (path relative to --images)")
     parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--images", help="folder the image ids are relative to (default: the file the regions stage "
+                                         "read; needed for imported features, whose source is a feature file)")
     parser.add_argument("--region", type=int, help="also write this region's spatial label to every other drawn region")
     parser.add_argument("--caption", type=int, help="also list caption N of the image (its caption index) with its objects and relations")
     parser.add_argument("--top-triplets", type=int, default=10, help="scene-graph triplets drawn, highest scores first (default: 10)")
@@ -31,20 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from graphs.draw import DrawOptions, draw_image_graphs
     from graphs.image_graphs import load_image_graphs
     from pipeline.dataset import REGIONS, DatasetFolder
-    from pipeline.manifest import read_listing
-
     data = DatasetFolder(args.data)
     try:
         graphs = load_image_graphs(data, args.image)
     except KeyError as error:
         raise ValueError(str(error).strip("'\"")) from None
 
-    listing = read_listing(data.stage_dir(REGIONS))
-    paths = listing.loc[listing["image_id"] == args.image, "path"]
-    image_path = Path(str(paths.iloc[0])) if len(paths) else None
-    if image_path is None or not image_path.is_file():
-        raise FileNotFoundError(f"the image file of {args.image!r} ({image_path}) is missing; the picture needs the "
-                                "original image at the path the regions stage read it from")
+    image_path = _image_path(data.stage_dir(REGIONS), args.image, args.images)
     pixels = decode_image(image_path).pixels
     if tuple(pixels.shape[:2]) != tuple(graphs.spatial.image_size):
         logger.warning("%s is %d x %d px now but the regions were extracted from a %d x %d px image; "
@@ -56,6 +51,22 @@ def run(args: argparse.Namespace) -> int:
                           caption=caption)
     draw_image_graphs(pixels, graphs, args.out, options)
     return 0
+
+
+def _image_path(regions_dir: Path, image_id: str, images: str | None) -> Path:
+    """Return the image file: ``--images/ID`` when given, else the path the regions stage read."""
+    from pipeline.manifest import read_listing
+
+    if images:
+        image_path = Path(images) / image_id
+    else:
+        listing = read_listing(regions_dir)
+        paths = listing.loc[listing["image_id"] == image_id, "path"]
+        image_path = Path(str(paths.iloc[0])) if len(paths) else None
+    if image_path is None or not image_path.is_file():
+        raise FileNotFoundError(f"the image file of {image_id!r} ({image_path}) is missing; pass --images DIR, the "
+                                "folder that holds the original images under their ids")
+    return image_path
 
 
 def _caption(data, image_id: str, caption_index: int):
