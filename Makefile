@@ -30,4 +30,4 @@ bench-relational: install
 	bash benchmarks/bench_relational.sh $(BIN)
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) bench-relational .pytest_cache

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cmsei_model.checkpoint import BEST, LAST, CheckpointError, build_model, load_checkpoint
+from cmsei_model.checkpoint import BEST, LAST, build_model, load_checkpoint
 from cmsei_model.data import (
     DataError,
     ReaderOptions,

@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 
-from extractors.captions.vocab import VocabularyError
 from pipeline import __version__
 from pipeline.cli import setup_logging
 
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted; rerun with --resume to continue from the last finished epoch")
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, VocabularyError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
         if args.verbose:
             logger.exception("training failed")
         else:

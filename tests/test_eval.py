@@ -21,7 +21,6 @@ from cmsei_model.data import (
     ShardReader,
     build_pair_index,
     limit_captions,
-    load_vocabulary,
     select_eval_split,
 )
 from cmsei_model.evaluate import recall_metrics, recall_metrics_by_image, similarity_matrix

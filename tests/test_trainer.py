@@ -301,6 +301,8 @@ def test_default_hyper_parameters():
     assert options.warmup_epochs == 1
     assert options.embed_size == 1024
     assert options.word_dim == 300
+    assert options.threads is None
+    assert _parse("--threads", "1").threads == 1
 
 
 def test_cli_reports_missing_dataset(tmp_path, caplog):
