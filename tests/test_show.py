@@ -153,3 +153,26 @@ def test_show_needs_graphs_stage(dataset, tmp_path, caplog):
     shutil.copytree(dataset / "regions", copy / "regions")
     assert show(copy, "scene_00000.png", tmp_path / "out.png") == 2
     assert "run `cmsei-prep graphs" in caplog.text
+
+
+def test_show_imported_features_with_images_folder(sample_data, tmp_path, ray_local):
+    from pipeline.importers.stage import ImportOptions, import_features
+
+    labels = sample_data / "labels"
+    out = tmp_path / "imported"
+    import_features(ImportOptions(sources=[sample_data / "butd_features" / "train2014_obj36.tsv"], out=out,
+                                  objects_vocab=labels / "objects_vocab.txt",
+                                  attributes_vocab=labels / "attributes_vocab.txt"))
+    build_graphs(GraphsOptions(data=out, ray=RayOptions(workers=1, cpus_per_worker=1)))
+    image_id = "COCO_train2014_000000132417.jpg"
+    picture = tmp_path / "imported.png"
+
+    without_folder = cli.main(["show", "--data", str(out), "--image", image_id, "--out", str(picture)])
+    assert without_folder == 2
+    assert not picture.exists()
+
+    with_folder = cli.main(["show", "--data", str(out), "--image", image_id, "--out", str(picture),
+                            "--images", str(sample_data / "butd_features")])
+    assert with_folder == 0
+    with Image.open(picture) as image:
+        assert image.width > 500
