@@ -138,7 +138,7 @@ def build_captions(options: CaptionsOptions) -> CaptionsSummary:
         extractors.captions.CaptionFormatError: the caption file cannot be read; the
             message names the file, position and field.
         extractors.captions.parser.ModelNotFoundError: the spaCy model is not installed.
-        pipeline.manifest.StageConflictError: the output holds a run over other captions.
+        pipeline.manifest.StageConflictError: the output contains a run over other captions.
     """
     from extractors.captions.parser import default_model, load_model
     from extractors.captions.readers import read_captions

@@ -48,7 +48,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class ExtractError(ValueError):
-    """Invalid extraction options or inputs; the message says what to change."""
+    """Invalid extraction options or inputs. The message names the value and the fix."""
 
 
 @dataclass
@@ -110,7 +110,7 @@ def extract_images(options: ExtractOptions) -> ExtractSummary:
     Raises:
         ExtractError: missing weights, empty input, unreadable ``--boxes`` file, bad options,
             or no worker could build its detector.
-        pipeline.manifest.StageConflictError: the output holds a run over other inputs.
+        pipeline.manifest.StageConflictError: the output contains a run over other inputs.
         pipeline.cluster.StorageCheckError: a node cannot see or write the output folder.
         FileNotFoundError: ``options.images`` does not exist.
     """

@@ -1,4 +1,4 @@
-"""The extraction worker: a Ray actor that holds one detector and turns shards into files.
+"""The extraction worker: a Ray actor that keeps one detector and turns shards into files.
 
 Shapes: N images in a shard, B images in a batch, R regions per image, D feature size.
 Inside the actor, images decode in a thread pool ahead of inference, each window of
@@ -38,7 +38,7 @@ class ShardTask:
 
 @dataclass
 class ShardReport:
-    """What a worker did with a shard."""
+    """Report of one processed shard: counts, failures, time and memory."""
 
     shard_index: int
     node: str

@@ -1,6 +1,6 @@
 """Stage manifests: what a stage's shards were built from, so a rerun can resume safely.
 
-Each stage folder holds ``manifest.json`` (input source, digest of the sorted input
+Each stage folder contains ``manifest.json`` (input source, digest of the sorted input
 listing, the resolved configuration and its digest, shard size and count) and
 ``listing.parquet`` (image id, path and shard of every input). A rerun whose listing or
 configuration differs from the recorded one stops instead of mixing incompatible shards.
@@ -73,7 +73,7 @@ def prepare_stage(
         overwrite: delete an existing stage folder that disagrees instead of stopping.
 
     Raises:
-        StageConflictError: the folder holds a run over other inputs or another
+        StageConflictError: the folder contains a run over other inputs or another
             configuration and ``overwrite`` is false.
     """
     digest = config_digest(config)
@@ -82,7 +82,7 @@ def prepare_stage(
         conflict = _describe_conflict(existing, listing_digest, digest, extra)
         if conflict and not overwrite:
             raise StageConflictError(
-                f"{stage_dir} already holds a {stage} run with {conflict}; "
+                f"{stage_dir} already contains a {stage} run with {conflict}; "
                 "use the same inputs and options to resume, another --out folder, or --overwrite to replace it"
             )
         if conflict:

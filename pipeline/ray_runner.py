@@ -41,7 +41,7 @@ DEFAULT_START_TIMEOUT_S = 1800.0
 
 @dataclass
 class RayOptions:
-    """Where and how wide a stage runs."""
+    """Cluster address and worker resources of a stage."""
 
     address: str | None = None
     workers: int = 1
@@ -147,7 +147,7 @@ def lookup_progress_counter(name: str) -> Any:
 
 @dataclass
 class TaskOutcome:
-    """What became of one shard task."""
+    """Outcome of one shard task: its result or the error after the last attempt."""
 
     key: Any
     result: Any = None
