@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_loop_child(list_file: str, detector: str) -> None:
-    """The baseline process: read each image and run the plain model at batch size 1."""
+    """Run the baseline: read each image and run the plain model at batch size 1."""
     import torch
 
     from extractors.extractor import build_extractor

@@ -1,6 +1,6 @@
 """Orchestration of the cmsei data stages: CLI, Ray runner, shard formats, manifests.
 
-A dataset folder holds one subfolder per stage (``regions/``, ``captions/``,
+A dataset folder contains one subfolder per stage (``regions/``, ``captions/``,
 ``graphs/``); see ``docs/shards.md`` for the layout and every HDF5 schema.
 """
 

@@ -317,7 +317,7 @@ def _warn_if_oversubscribed(workers: int, cpus: float, gpus: float, total_cpus: 
         return
     placed = min(int(total_cpus // cpus), int(total_gpus // gpus) if gpus else workers)
     if placed < workers:
-        logger.info("the cluster holds about %d of the %d workers at once; the others start as Ray places them",
+        logger.info("the cluster fits about %d of the %d workers at once; the others start as Ray places them",
                     placed, workers)
 
 

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     problems = verify_dataset(args.data)
     if not problems:
-        logger.error("%s holds no stage to verify", args.data)
+        logger.error("%s contains no stage to verify; run `cmsei-prep extract` first", args.data)
         return 1
 
     faults = 0
