@@ -13,6 +13,8 @@ boxes, spatial labels and 25 scene-graph edges per image, and captions of n word
 - Evaluation: encode the images and captions once, then score every pair with
   `similarity_matrix` as `cmsei-eval` does, and compute the recall metrics. `--eval-images`
   and `--eval-captions` set the size (1,000 and 5,000 for a Flickr30K-style 1K test set).
+  `--chunk-sizes` first times the scoring of 100 images x 500 captions with each given
+  number of pairs per chunk.
 
 Run from the repository root:
 
@@ -119,8 +121,11 @@ def bench_training(config: CMSEIConfig, batch_size: int, steps: int, regions: in
 
 @torch.no_grad()
 def bench_evaluation(config: CMSEIConfig, n_images: int, n_captions: int, regions: int, words: int,
-                     device: torch.device, encode_batch: int = 128) -> dict[str, Any]:
-    """Encode and score an n_images x n_captions test set; return encode time and scored pairs/s."""
+                     device: torch.device, chunk_sizes: list[int], encode_batch: int = 128) -> dict[str, Any]:
+    """Encode and score an n_images x n_captions test set; return encode time and scored pairs/s.
+
+    Each size in `chunk_sizes` is first timed on the first 100 images x 500 captions.
+    """
     generator = torch.Generator().manual_seed(0)
     model = CMSEI(config, VOCAB_SIZE).to(device).eval()
 
@@ -141,21 +146,43 @@ def bench_evaluation(config: CMSEIConfig, n_images: int, n_captions: int, region
     _synchronise(device)
     encode_seconds = time.perf_counter() - started
 
+    chunks = [_time_chunk_size(model, images, captions, size, device) for size in chunk_sizes]
+
     started = time.perf_counter()
-    scores = similarity_matrix(model, images, captions)
+    scores = similarity_matrix(model, images, captions, progress=True)
     _synchronise(device)
     score_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
     captions_per_image = n_captions // n_images if n_captions % n_images == 0 else None
-    if captions_per_image:
-        recall_metrics(scores, captions_per_image)
+    metrics = recall_metrics(scores, captions_per_image) if captions_per_image else {}
+    rank_seconds = time.perf_counter() - started
     pairs = n_images * n_captions
     return {
         "images": n_images,
         "captions": n_captions,
         "encode_seconds": encode_seconds,
         "score_seconds": score_seconds,
+        "rank_seconds": rank_seconds,
         "pairs_per_s": pairs / score_seconds,
+        "rsum_untrained": metrics.get("rsum"),
+        "chunk_sizes": chunks,
     }
+
+
+def _time_chunk_size(model: CMSEI, images: ImageEmbedding, captions: CaptionEmbedding, pairs_per_chunk: int,
+                     device: torch.device) -> dict[str, Any]:
+    """Time `similarity_matrix` with a given chunk size on the first 100 images and 500 captions."""
+    images = images.slice(0, 100)
+    captions = captions.slice(0, 500)
+    started = time.perf_counter()
+    similarity_matrix(model, images, captions, max_pairs_per_chunk=pairs_per_chunk)
+    _synchronise(device)
+    seconds = time.perf_counter() - started
+    result = {"pairs_per_chunk": pairs_per_chunk, "pairs": len(images) * len(captions), "seconds": seconds,
+              "pairs_per_s": len(images) * len(captions) / seconds}
+    logger.info("chunks of %d pairs: %.0f pairs/s", pairs_per_chunk, result["pairs_per_s"])
+    return result
 
 
 def _peak_rss_mib() -> float:
@@ -172,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=2, help="timed steps per batch size (default: 2)")
     parser.add_argument("--eval-images", type=int, default=100, help="test images (default: 100)")
     parser.add_argument("--eval-captions", type=int, default=500, help="test captions (default: 500)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                        help="pairs per chunk to time on 100 images x 500 captions before the evaluation")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -198,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         results["training"].append(result)
 
     results["evaluation"] = bench_evaluation(config, args.eval_images, args.eval_captions, args.regions,
-                                             args.words, device)
+                                             args.words, device, args.chunk_sizes)
     results["peak_rss_mib"] = _peak_rss_mib()
     logger.info("evaluation: %s", results["evaluation"])
     print(format_markdown(results))
@@ -212,20 +241,25 @@ def format_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"d = {results['embed_size']}, k = {results['regions']}, n = {results['words']}, {results['device']}, "
         f"torch {results['torch']}, {results['machine']}",
-        "",
-        "| training batch B | s per step | samples/s | scored pairs/s |",
-        "| --- | --- | --- | --- |",
     ]
+    if results["training"]:
+        lines += ["", "| training batch B | s per step | samples/s | scored pairs/s |", "| --- | --- | --- | --- |"]
     for row in results["training"]:
         lines.append(f"| {row['batch_size']} | {row['seconds_per_step']:.2f} | {row['samples_per_s']:.2f} | "
                      f"{row['pairs_per_s']:.0f} |")
     evaluation = results["evaluation"]
     lines += [
         "",
-        "| evaluation | encode s | score s | pairs/s |",
-        "| --- | --- | --- | --- |",
+        "| evaluation | encode s | score s | rank s | pairs/s |",
+        "| --- | --- | --- | --- | --- |",
         f"| {evaluation['images']} images x {evaluation['captions']} captions | {evaluation['encode_seconds']:.1f} | "
-        f"{evaluation['score_seconds']:.1f} | {evaluation['pairs_per_s']:.0f} |",
+        f"{evaluation['score_seconds']:.1f} | {evaluation['rank_seconds']:.1f} | {evaluation['pairs_per_s']:.0f} |",
+    ]
+    if evaluation["chunk_sizes"]:
+        lines += ["", "| pairs per chunk | pairs scored | s | pairs/s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {row['pairs_per_chunk']} | {row['pairs']} | {row['seconds']:.1f} | {row['pairs_per_s']:.0f} |"
+                  for row in evaluation["chunk_sizes"]]
+    lines += [
         "",
         f"peak resident memory {results['peak_rss_mib']:.0f} MiB",
     ]

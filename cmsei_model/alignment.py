@@ -29,6 +29,24 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1, eps=_floor(NORM_EPS, x.dtype))
 
 
+def fast_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """tanh(x), computed on the CPU as 2 * sigmoid(2x) - 1.
+
+    On the CPU torch's vectorised tanh takes several times as long as sigmoid, and the fused
+    words and regions of every pair pass through it. The identity agrees with tanh to within
+    2e-7. Other devices call torch.tanh.
+
+    Args:
+        x: float tensor.
+        inplace: overwrite `x` with the result; only valid when autograd does not need `x`.
+    """
+    if x.device.type != "cpu":
+        return x.tanh_() if inplace else torch.tanh(x)
+    if inplace:
+        return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+    return torch.sigmoid(2.0 * x) * 2.0 - 1.0
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over `dim` in which masked-out entries get zero weight.
 
@@ -89,22 +107,38 @@ def pool_fragment_scores(
 
 
 def _context_cosine(
-    attention: torch.Tensor, cosine: torch.Tensor, gram: torch.Tensor
+    attention: torch.Tensor, cosine: torch.Tensor, keys: torch.Tensor
 ) -> torch.Tensor:
-    """Cosine between each query and its attended context, without building the context.
+    """Cosine between each unit-norm query and its attended context.
 
-    For unit-norm queries q_i and keys v_j with context c_i = sum_j a_ij v_j:
-    q_i . c_i = sum_j a_ij cos_ij, and |c_i|^2 = a_i G a_i^T with the key Gram matrix G.
-    This keeps the memory per pair at O(n k + k^2) floats instead of O(n d).
+    For unit-norm queries q_i and keys v_j with context c_i = sum_j a_ij v_j, the dot product
+    is q_i . c_i = sum_j a_ij cos_ij, so only |c_i| needs the keys. It comes either from the
+    context itself, m * k * d multiply-adds per pair, or from the key Gram matrix G as
+    |c_i|^2 = a_i G a_i^T, k * k * d per distinct key set plus m * k * k per pair. The
+    cheaper way for the given shapes is taken. That is mostly the Gram matrix when all
+    captions (or images) of a chunk share the keys or when there are fewer keys than queries.
 
     Args:
         attention: (..., m, k) attention weights of m queries over k keys.
         cosine: (..., m, k) cosine scores between the queries and the keys.
-        gram: (..., k, k) Gram matrix of the unit-norm keys.
+        keys: (..., k, d) unit-norm keys; the leading dims broadcast against `attention`'s.
     """
     dot = (attention * cosine).sum(dim=-1)
-    squared_norm = (torch.matmul(attention, gram) * attention).sum(dim=-1)
-    norm = squared_norm.clamp(min=_floor(NORM_EPS**2, squared_norm.dtype)).sqrt()
+
+    queries, key_count = attention.shape[-2:]
+    dim = keys.shape[-1]
+    pairs = attention[..., 0, 0].numel()
+    key_sets = keys[..., 0, 0].numel()
+    gram_cost = key_sets * key_count * key_count * dim + pairs * queries * key_count * key_count
+    context_cost = pairs * queries * key_count * dim
+
+    if gram_cost <= context_cost:
+        gram = torch.matmul(keys, keys.transpose(-1, -2))
+        squared_norm = (torch.matmul(attention, gram) * attention).sum(dim=-1)
+        norm = squared_norm.clamp(min=_floor(NORM_EPS**2, squared_norm.dtype)).sqrt()
+    else:
+        context = torch.matmul(attention, keys)
+        norm = torch.linalg.vector_norm(context, dim=-1).clamp(min=_floor(NORM_EPS, dot.dtype))
     return dot / norm
 
 
@@ -151,15 +185,13 @@ def fragment_alignment(
 
     if directions in ("t2i", "both"):
         attention = masked_softmax(temperature * cosine, region_mask_pair[:, :, None, :])
-        region_gram = torch.matmul(regions, regions.transpose(-1, -2))
-        word_scores = _context_cosine(attention, cosine, region_gram)
+        word_scores = _context_cosine(attention, cosine, regions)
         pooled.append(pool_fragment_scores(word_scores, word_mask_pair, pooling, lse_lambda))
 
     if directions in ("i2t", "both"):
         cosine_t = cosine.transpose(-1, -2)
         attention = masked_softmax(temperature * cosine_t, word_mask_pair[:, :, None, :])
-        word_gram = torch.matmul(words, words.transpose(-1, -2))
-        region_scores = _context_cosine(attention, cosine_t, word_gram)
+        region_scores = _context_cosine(attention, cosine_t, words)
         pooled.append(pool_fragment_scores(region_scores, region_mask_pair, pooling, lse_lambda))
 
     if len(pooled) == 1:

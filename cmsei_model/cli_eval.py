@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the first N captions of each image, by caption index; 0 = all (default: 5)")
     parser.add_argument("--block-size", type=int,
                         help="image-caption pairs scored at once; peak memory grows with it "
-                             "(default: the run's --pairs-per-chunk)")
+                             "(default: a cache-sized chunk on the CPU, the run's --pairs-per-chunk on a GPU)")
     parser.add_argument("--batch-size", type=int, default=128, help="images or captions per encoder batch (default: 128)")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -107,7 +107,7 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     ))
     started = time.perf_counter()
     encoded = encode_split(model, reader, split_pairs, device, args.batch_size, args.loader_workers, autocast_dtype)
-    scoring = ScoringOptions(max_pairs_per_chunk=args.block_size, autocast_dtype=autocast_dtype)
+    scoring = ScoringOptions(max_pairs_per_chunk=args.block_size, autocast_dtype=autocast_dtype, progress=True)
     result = evaluate_encoded(model, encoded, args.protocol, args.fold_size, scoring)
     reader.close()
 

@@ -40,6 +40,10 @@ class CrossLevelAttention(nn.Module):
         self.gate_scale = nn.Parameter(torch.ones(()))
         self.gate_bias = nn.Parameter(torch.zeros(()))
 
+    def guidance(self, sentence: torch.Tensor) -> torch.Tensor:
+        """Return the (C, d) projection P s of each sentence vector that refines the regions."""
+        return self.sentence_projection(sentence)
+
     def forward(
         self,
         regions: torch.Tensor,
@@ -48,6 +52,7 @@ class CrossLevelAttention(nn.Module):
         word_mask: torch.Tensor,
         sentence: torch.Tensor,
         image_vector: torch.Tensor,
+        guidance: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score both cross-level terms and refine the regions of every pair.
 
@@ -58,6 +63,7 @@ class CrossLevelAttention(nn.Module):
             word_mask: (c, n) bool, True for real words.
             sentence: (c, d) unit-norm sentence vectors.
             image_vector: (B, d) unit-norm image vectors.
+            guidance: `guidance(sentence)`, (c, d); computed here when None.
 
         Returns:
             refined regions (B, c, k, d), object-sentence similarity (B, c) and word-image
@@ -78,7 +84,8 @@ class CrossLevelAttention(nn.Module):
         word_image_similarity = (l2_normalize(attended_sentence) * image_vector[:, None]).sum(-1)
 
         gate = torch.sigmoid(self.gate_scale * region_sentence + self.gate_bias)
-        guidance = self.sentence_projection(sentence)[None, :, None, :]
-        refined_regions = l2_normalize(regions + gate.unsqueeze(-1) * guidance)
+        if guidance is None:
+            guidance = self.guidance(sentence)
+        refined_regions = l2_normalize(regions + gate.unsqueeze(-1) * guidance[None, :, None, :])
 
         return refined_regions, object_sentence, word_image_similarity

@@ -12,7 +12,9 @@ Per image-caption pair, with cosine scores s_ij = cos(w_i, v_j) and temperature 
 
 Words and regions have separate fusion weights. G_y and U_y have no bias, so G_y t_i equals
 sum_j a_ij G_y v_j: the context projections are applied once per region or word and the
-per-pair work is only the attention itself.
+per-pair work is only the attention itself. `image_terms` and `caption_terms` compute those
+per-region and per-word projections, so a caller scoring many pairs computes them once per
+image and caption instead of once per chunk of pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from cmsei_model.alignment import l2_normalize, masked_softmax
+from cmsei_model.alignment import fast_tanh, l2_normalize, masked_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +60,19 @@ class GatedFusion(nn.Module):
             features: (..., d) unit-norm features x.
             self_terms: `self_terms(features)`, (..., 2d).
             attended_terms: attention-weighted sum of `context_terms` of the other side, (..., 2d).
+                Overwritten when autograd is off, to spare copies of pair-sized tensors.
 
         Returns:
             (..., d) unit-norm fused features; the leading dims broadcast.
         """
-        gate_x, update_x = self_terms.chunk(2, dim=-1)
-        gate_y, update_y = attended_terms.chunk(2, dim=-1)
-        gate = torch.sigmoid(gate_x + gate_y)
-        update = torch.tanh(update_x + update_y)
-        return l2_normalize(features + gate * update)
+        if torch.is_grad_enabled():
+            gate, update = (attended_terms + self_terms).chunk(2, dim=-1)
+            return l2_normalize(features + torch.sigmoid(gate) * fast_tanh(update))
+
+        # Without autograd every step overwrites the pair-sized terms instead of allocating.
+        gate, update = attended_terms.add_(self_terms).chunk(2, dim=-1)
+        fused = gate.sigmoid_().mul_(fast_tanh(update, inplace=True)).add_(features)
+        return l2_normalize(fused)
 
 
 class InteractiveAttention(nn.Module):
@@ -83,12 +89,34 @@ class InteractiveAttention(nn.Module):
         self.word_fusion = GatedFusion(embed_dim)
         self.region_fusion = GatedFusion(embed_dim)
 
+    def image_terms(self, regions: torch.Tensor) -> torch.Tensor:
+        """Return the (B, k, 4d) pair-independent fusion terms of the regions.
+
+        The first 2d columns are the regions' own gate and update terms, the last 2d the terms
+        that the words attend to.
+        """
+        return torch.cat(
+            [self.region_fusion.self_terms(regions), self.word_fusion.context_terms(regions)], dim=-1
+        )
+
+    def caption_terms(self, words: torch.Tensor) -> torch.Tensor:
+        """Return the (C, n, 4d) pair-independent fusion terms of the words.
+
+        The first 2d columns are the words' own gate and update terms, the last 2d the terms
+        that the regions attend to.
+        """
+        return torch.cat(
+            [self.word_fusion.self_terms(words), self.region_fusion.context_terms(words)], dim=-1
+        )
+
     def forward(
         self,
         regions: torch.Tensor,
         region_mask: torch.Tensor,
         words: torch.Tensor,
         word_mask: torch.Tensor,
+        image_terms: torch.Tensor | None = None,
+        caption_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refine the words and regions of every image-caption pair.
 
@@ -97,29 +125,33 @@ class InteractiveAttention(nn.Module):
             region_mask: (B, k) bool, True for real regions.
             words: (c, n, d) unit-norm word features.
             word_mask: (c, n) bool, True for real words.
+            image_terms: `image_terms(regions)`, (B, k, 4d); computed here when None.
+            caption_terms: `caption_terms(words)`, (c, n, 4d); computed here when None.
 
         Returns:
             refined words (B, c, n, d) and refined regions (B, c, k, d), unit-norm. Entries at
             padded positions are meaningless.
         """
+        if image_terms is None:
+            image_terms = self.image_terms(regions)
+        if caption_terms is None:
+            caption_terms = self.caption_terms(words)
+        region_self, region_context = image_terms.chunk(2, dim=-1)
+        word_self, word_context = caption_terms.chunk(2, dim=-1)
         cosine = torch.einsum("cnd,bkd->bcnk", words, regions)
 
         word_attention = masked_softmax(
             self.temperature * cosine, region_mask[:, None, None, :]
         )
-        region_context = self.word_fusion.context_terms(regions)
         attended_by_words = _attend_per_image(word_attention, region_context)
-        refined_words = self.word_fusion.fuse(
-            words[None], self.word_fusion.self_terms(words)[None], attended_by_words
-        )
+        refined_words = self.word_fusion.fuse(words[None], word_self[None], attended_by_words)
 
         region_attention = masked_softmax(
             self.temperature * cosine.transpose(-1, -2), word_mask[None, :, None, :]
         )
-        word_context = self.region_fusion.context_terms(words)
         attended_by_regions = torch.matmul(region_attention, word_context[None])
         refined_regions = self.region_fusion.fuse(
-            regions[:, None], self.region_fusion.self_terms(regions)[:, None], attended_by_regions
+            regions[:, None], region_self[:, None], attended_by_regions
         )
 
         return refined_words, refined_regions

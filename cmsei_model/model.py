@@ -16,7 +16,9 @@ equations of every step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,11 @@ from cmsei_model.text_encoder import TextEncoder
 logger = logging.getLogger(__name__)
 
 
+def _apply(tensor: torch.Tensor | None, function) -> torch.Tensor | None:
+    """Return `function(tensor)`, or None for an absent optional tensor."""
+    return None if tensor is None else function(tensor)
+
+
 @dataclass
 class ImageEmbedding:
     """Encoded images.
@@ -43,32 +50,37 @@ class ImageEmbedding:
         regions: (B, k, d) float unit-norm region features after the graph reasoning.
         region_mask: (B, k) bool, True for real regions.
         image_vector: (B, d) float unit-norm masked mean of the regions.
+        fusion_terms: (B, k, 4d) float interactive-attention terms of the regions, which every
+            pair reuses; None until `CMSEI.prepare_images` fills them.
     """
 
     regions: torch.Tensor
     region_mask: torch.Tensor
     image_vector: torch.Tensor
+    fusion_terms: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.regions.shape[0]
 
+    def _map(self, function) -> ImageEmbedding:
+        return ImageEmbedding(
+            function(self.regions),
+            function(self.region_mask),
+            function(self.image_vector),
+            _apply(self.fusion_terms, function),
+        )
+
     def slice(self, start: int, stop: int) -> ImageEmbedding:
         """Return images [start, stop) as views."""
-        return ImageEmbedding(
-            self.regions[start:stop], self.region_mask[start:stop], self.image_vector[start:stop]
-        )
+        return self._map(lambda tensor: tensor[start:stop])
 
     def to(self, device: torch.device | str) -> ImageEmbedding:
         """Return a copy on `device`."""
-        return ImageEmbedding(
-            self.regions.to(device), self.region_mask.to(device), self.image_vector.to(device)
-        )
+        return self._map(lambda tensor: tensor.to(device))
 
     def detach(self) -> ImageEmbedding:
         """Return a copy cut from the autograd graph."""
-        return ImageEmbedding(
-            self.regions.detach(), self.region_mask.detach(), self.image_vector.detach()
-        )
+        return self._map(torch.Tensor.detach)
 
 
 @dataclass
@@ -79,30 +91,41 @@ class CaptionEmbedding:
         words: (C, n, d) float unit-norm word features, zeros at padding.
         word_mask: (C, n) bool, True for real words.
         sentence: (C, d) float unit-norm masked mean of the words.
+        fusion_terms: (C, n, 4d) float interactive-attention terms of the words, which every
+            pair reuses; None until `CMSEI.prepare_captions` fills them.
+        guidance: (C, d) float cross-level projection of the sentence vectors; None until
+            `CMSEI.prepare_captions` fills it.
     """
 
     words: torch.Tensor
     word_mask: torch.Tensor
     sentence: torch.Tensor
+    fusion_terms: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.words.shape[0]
 
+    def _map(self, function) -> CaptionEmbedding:
+        return CaptionEmbedding(
+            function(self.words),
+            function(self.word_mask),
+            function(self.sentence),
+            _apply(self.fusion_terms, function),
+            _apply(self.guidance, function),
+        )
+
     def slice(self, start: int, stop: int) -> CaptionEmbedding:
         """Return captions [start, stop) as views."""
-        return CaptionEmbedding(
-            self.words[start:stop], self.word_mask[start:stop], self.sentence[start:stop]
-        )
+        return self._map(lambda tensor: tensor[start:stop])
 
     def to(self, device: torch.device | str) -> CaptionEmbedding:
         """Return a copy on `device`."""
-        return CaptionEmbedding(
-            self.words.to(device), self.word_mask.to(device), self.sentence.to(device)
-        )
+        return self._map(lambda tensor: tensor.to(device))
 
     def detach(self) -> CaptionEmbedding:
         """Return a copy cut from the autograd graph."""
-        return CaptionEmbedding(self.words.detach(), self.word_mask.detach(), self.sentence.detach())
+        return self._map(torch.Tensor.detach)
 
 
 def _require_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
@@ -255,6 +278,28 @@ class CMSEI(nn.Module):
         words, word_mask, sentence = self.text_encoder(token_ids.long(), lengths.long())
         return CaptionEmbedding(words, word_mask, sentence)
 
+    def prepare_images(self, images: ImageEmbedding) -> ImageEmbedding:
+        """Return `images` with the terms that every pair reuses, computed once.
+
+        `similarity` calls this itself; call it first when scoring the same images against
+        several caption blocks. Images that already carry the terms are returned as they are.
+        """
+        if self.interaction is None or images.fusion_terms is not None:
+            return images
+        return dataclasses.replace(images, fusion_terms=self.interaction.image_terms(images.regions))
+
+    def prepare_captions(self, captions: CaptionEmbedding) -> CaptionEmbedding:
+        """Return `captions` with the terms that every pair reuses, computed once.
+
+        The caption counterpart of `prepare_images`.
+        """
+        updates = {}
+        if self.interaction is not None and captions.fusion_terms is None:
+            updates["fusion_terms"] = self.interaction.caption_terms(captions.words)
+        if self.cross_level is not None and captions.guidance is None:
+            updates["guidance"] = self.cross_level.guidance(captions.sentence)
+        return dataclasses.replace(captions, **updates) if updates else captions
+
     def similarity(
         self,
         images: ImageEmbedding,
@@ -294,8 +339,11 @@ class CMSEI(nn.Module):
         if n_images == 0 or n_captions == 0:
             return images.regions.new_zeros((n_images, n_captions))
 
-        image_block = min(n_images, budget)
-        caption_block = max(1, budget // max(image_block, 1))
+        images = self.prepare_images(images)
+        captions = self.prepare_captions(captions)
+        # Near-square chunks, taller when there are few captions.
+        image_block = min(n_images, max(1, math.isqrt(budget), budget // n_captions))
+        caption_block = max(1, budget // image_block)
 
         rows = []
         for image_start in range(0, n_images, image_block):
@@ -343,7 +391,12 @@ class CMSEI(nn.Module):
 
         if self.interaction is not None:
             words, regions = self.interaction(
-                images.regions, images.region_mask, captions.words, captions.word_mask
+                images.regions,
+                images.region_mask,
+                captions.words,
+                captions.word_mask,
+                images.fusion_terms,
+                captions.fusion_terms,
             )
 
         cross_terms = None
@@ -355,6 +408,7 @@ class CMSEI(nn.Module):
                 captions.word_mask,
                 captions.sentence,
                 images.image_vector,
+                captions.guidance,
             )
             cross_terms = (
                 config.object_sentence_weight * object_sentence

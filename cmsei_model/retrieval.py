@@ -184,12 +184,14 @@ class ScoringOptions:
         caption_block_size: captions moved to the device per block.
         max_pairs_per_chunk: pairs scored at once inside a block; None uses the model's setting.
         autocast_dtype: score under autocast with this dtype; None scores in fp32.
+        progress: show a progress bar of scored pairs.
     """
 
     image_block_size: int = 128
     caption_block_size: int = 1024
     max_pairs_per_chunk: int | None = None
     autocast_dtype: torch.dtype | None = None
+    progress: bool = False
 
 
 def evaluate_encoded(
@@ -230,7 +232,8 @@ def evaluate_encoded(
         captions = encoded.captions.slice(caption_slice.start, caption_slice.stop)
         with autocast_context(device, scoring.autocast_dtype):
             scores = similarity_matrix(model, images, captions, scoring.image_block_size,
-                                       scoring.caption_block_size, scoring.max_pairs_per_chunk)
+                                       scoring.caption_block_size, scoring.max_pairs_per_chunk,
+                                       scoring.progress)
         owners = encoded.caption_images[caption_slice] - image_slice.start
         fold_metrics.append(recall_metrics_by_image(scores, owners))
         pairs_scored += scores.size
