@@ -1,4 +1,4 @@
-"""Shared fixtures: the sample-data folder and one small local Ray instance per session."""
+"""Shared fixtures: the sample-data folder, one small local Ray instance per session, one torch thread."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +35,13 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: model tests use tiny tensors, and on a loaded machine
+    extra OpenMP threads slow them down many times over."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

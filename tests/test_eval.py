@@ -34,12 +34,7 @@ N_IMAGES = 24
 TEST_IMAGES = 6
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_karpathy_file(scenes: Path) -> Path:

@@ -29,14 +29,8 @@ FLAGS = ("spatial_graph", "semantic_graph", "interaction", "cross_level", "box_g
 
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
-    slow these tests down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def small_config(**overrides) -> CMSEIConfig:
     return CMSEIConfig(**{**SMALL, **overrides})

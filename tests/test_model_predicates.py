@@ -20,14 +20,8 @@ PREDICATES = ["__background__", "wear", "parked on", "in_front_of", "hovering"]
 
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
-    slow these tests down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def sample_data_dir() -> Path:
     default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -27,14 +27,8 @@ NUM_PREDICATES = 5
 
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one thread: the tensors are tiny, and on a loaded machine extra OpenMP threads
-    slow these tests down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def make_task(combinations: list[tuple[int, ...]], seed: int) -> tuple[dict, dict]:
     """Build image and caption inputs for the given concept combinations, one caption each."""

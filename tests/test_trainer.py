@@ -52,13 +52,7 @@ SMALL_MODEL = {"embed_size": 32, "word_dim": 16, "batch_size": 6, "loader_worker
 PREDICATE_NAMES = ("__background__", *PREDICATES)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run torch on one thread: the models are tiny and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_graph_shards(data: Path, annotations_path: Path) -> None:
