@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
 
 from pipeline.atomic import atomic_path, remove_temporaries, write_json
 from pipeline.caption_shards import CaptionShard, CaptionShardWriter, shard_file_name, verify_caption_shard
 from pipeline.dataset import CAPTIONS, REGIONS
 from pipeline.manifest import file_sha256, prepare_stage, read_manifest
-from pipeline.cluster import check_shared_storage
-from pipeline.ray_runner import RayOptions, TaskOutcome, create_progress_counter, init_ray, lookup_progress_counter, run_tasks
+from pipeline.ray_runner import RayOptions, TaskOutcome, lookup_progress_counter
+from pipeline.stage_pool import run_stage_workers
 
 logger = logging.getLogger(__name__)
 
@@ -198,27 +197,18 @@ def _shard_is_complete(path: Path, count: int) -> bool:
 
 
 def _run_workers(options: CaptionsOptions, model: str, tasks: list[CaptionTask]) -> list[TaskOutcome]:
-    init_ray(options.ray.address)
-    total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = options.ray.workers or max(1, min(len(tasks), total_cpus))
-    cpus = options.ray.cpus_per_worker or 1.0
-    progress, progress_name = create_progress_counter()
-    actor_class = ray.remote(CaptionWorker).options(num_cpus=cpus, memory=options.ray.memory_per_worker,
-                                                    max_restarts=4, max_task_retries=0)
-    check_shared_storage(Path(tasks[0].out_path).parent)
-    actors = [actor_class.remote(model, options.batch_size, progress_name) for _ in range(workers)]
-    logger.info("%d caption workers with spaCy model %s", workers, model)
-    return run_tasks(
-        actors, tasks,
-        submit=lambda actor, task: actor.process_shard.remote(task),
-        key=lambda task: task.shard_index,
-        progress=progress,
+    logger.info("caption workers parse with spaCy model %s", model)
+    return run_stage_workers(
+        CaptionWorker,
+        lambda size, progress_name: (model, options.batch_size, progress_name),
+        tasks,
+        options=options.ray,
+        stage_dir=Path(tasks[0].out_path).parent,
+        device=None,
         total_items=sum(len(task.texts) for task in tasks),
         description="captions",
-        max_retries=options.ray.max_retries,
         unit="caption",
-        replace=lambda: actor_class.remote(model, options.batch_size, progress_name),
-        start_timeout_s=options.ray.start_timeout_s,
+        probe_ready=False,
     )
 
 

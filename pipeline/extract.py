@@ -22,25 +22,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import ray
 
 from pipeline.atomic import remove_temporaries, write_json
-from pipeline.cluster import check_shared_storage, max_node_resource
 from pipeline.dataset import REGIONS
 from pipeline.extract_worker import ExtractionWorker, ShardReport, ShardTask, WorkerSettings
 from pipeline.inputs import InputListing, discover_images
 from pipeline.manifest import file_sha256, prepare_stage, write_listing
-from pipeline.ray_runner import (
-    PoolStats,
-    RayOptions,
-    TaskOutcome,
-    WorkerStartError,
-    create_progress_counter,
-    init_ray,
-    run_tasks,
-)
+from pipeline.ray_runner import PoolStats, RayOptions, TaskOutcome, WorkerStartError
 from pipeline.region_index import write_region_index
 from pipeline.region_shards import shard_file_name, verify_region_shard
+from pipeline.stage_pool import PoolSize, run_stage_workers
 
 logger = logging.getLogger(__name__)
 
@@ -233,92 +224,35 @@ def _shard_is_complete(stage_dir: Path, index: int, image_ids: list[str]) -> boo
 
 def _run_workers(options: ExtractOptions, config: dict[str, Any], tasks: list[ShardTask], stage_dir: Path,
                  stats: PoolStats) -> list[TaskOutcome]:
-    ray_options = options.ray
-    init_ray(ray_options.address)
-    check_shared_storage(stage_dir)
-    workers, cpus, gpus = _size_pool(ray_options, options.device, len(tasks))
-    settings = WorkerSettings(
-        detector=options.detector,
-        overrides=config["overrides"],
-        weights=options.weights,
-        device=options.device,
-        backend=options.backend,
-        batch_size=options.batch_size,
-        feature_dtype=options.dtype,
-        decode_threads=options.decode_threads,
-        max_pixels=options.max_pixels,
-        torch_threads=max(1, int(cpus)),
-        compression=options.compression,
-        shard_attrs={"config": config},
-    )
-    progress, progress_name = create_progress_counter()
-    # No Ray restarts: the pool replaces a dead worker with a fresh actor that any node
-    # with free resources may take, instead of one tied to a lost node.
-    actor_class = ray.remote(ExtractionWorker).options(
-        num_cpus=cpus, num_gpus=gpus, memory=ray_options.memory_per_worker, max_restarts=0, max_task_retries=0
-    )
+    def worker_args(size: PoolSize, progress_name: str) -> tuple:
+        settings = WorkerSettings(
+            detector=options.detector,
+            overrides=config["overrides"],
+            weights=options.weights,
+            device=options.device,
+            backend=options.backend,
+            batch_size=options.batch_size,
+            feature_dtype=options.dtype,
+            decode_threads=options.decode_threads,
+            max_pixels=options.max_pixels,
+            torch_threads=max(1, int(size.cpus)),
+            compression=options.compression,
+            shard_attrs={"config": config},
+        )
+        return settings, progress_name
 
-    def start_worker() -> Any:
-        return actor_class.remote(settings, progress_name)
-
-    actors = [start_worker() for _ in range(workers)]
-    logger.info("%d workers requested with %s CPUs and %s GPUs each", workers, cpus, gpus)
-    total = sum(len(task.image_ids) for task in tasks)
     try:
-        return run_tasks(
-            actors,
-            tasks,
-            submit=lambda actor, task: actor.process_shard.remote(task),
-            key=lambda task: task.shard_index,
-            progress=progress,
-            total_items=total,
+        return run_stage_workers(
+            ExtractionWorker, worker_args, tasks,
+            options=options.ray,
+            stage_dir=stage_dir,
+            device=options.device,
+            total_items=sum(len(task.image_ids) for task in tasks),
             description="extract",
-            max_retries=ray_options.max_retries,
-            ready=lambda actor: actor.describe.remote(),
-            replace=start_worker,
             stats=stats,
-            start_timeout_s=ray_options.start_timeout_s,
         )
     except WorkerStartError as error:
         raise ExtractError(f"no worker could start its detector: {error}") from None
-
-
-def _size_pool(options: RayOptions, device: str, num_tasks: int) -> tuple[int, float, float]:
-    """Return (workers, CPUs per worker, GPUs per worker), filling unset values from the cluster.
-
-    A default CPU count never exceeds the largest node's CPUs, so that a worker fits on
-    one node. More workers than the cluster can hold at once are allowed: Ray places the
-    rest as resources free up or nodes join.
-    """
-    resources = ray.cluster_resources()
-    total_cpus = max(1, int(resources.get("CPU", 1)))
-    total_gpus = int(resources.get("GPU", 0))
-    gpus = options.gpus_per_worker
-    if gpus == 0 and (device.startswith("cuda") or (device == "auto" and total_gpus > 0)):
-        gpus = 1.0
-    if options.workers:
-        workers = options.workers
-    elif gpus > 0:
-        workers = max(1, min(num_tasks, int(total_gpus / gpus)))
-    else:
-        workers = max(1, min(num_tasks, total_cpus))
-    node_cpus = max(1, int(max_node_resource("CPU")))
-    cpus = options.cpus_per_worker or max(1, min(node_cpus, total_cpus // workers))
-    _warn_if_oversubscribed(workers, float(cpus), float(gpus), total_cpus, total_gpus)
-    return workers, float(cpus), float(gpus)
-
-
-def _warn_if_oversubscribed(workers: int, cpus: float, gpus: float, total_cpus: int, total_gpus: int) -> None:
-    if cpus > max_node_resource("CPU") or gpus > max_node_resource("GPU"):
-        logger.warning(
-            "no node offers %s CPUs and %s GPUs for one worker now; workers wait until such a node joins "
-            "(an autoscaler, say) or --start-timeout passes", cpus, gpus,
-        )
-        return
-    placed = min(int(total_cpus // cpus), int(total_gpus // gpus) if gpus else workers)
-    if placed < workers:
-        logger.info("the cluster fits about %d of the %d workers at once; the others start as Ray places them",
-                    placed, workers)
 
 
 def _summarise(index_frame: pd.DataFrame, listing: InputListing, shard_ids: list[list[str]],

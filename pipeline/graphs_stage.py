@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from graphs.imported import DEFAULT_MATCH_IOU, ImportedSceneGraph, MatchCounts, SceneGraphImport, match_to_regions
 from graphs.predicates import BACKGROUND
@@ -34,10 +33,10 @@ from pipeline.atomic import remove_temporaries, write_json
 from pipeline.dataset import GRAPHS, REGIONS, DatasetFolder
 from pipeline.graph_shards import GraphShardContent, SceneGraphEdges, shard_file_name, verify_graph_shard, write_graph_shard
 from pipeline.manifest import file_sha256, prepare_stage, read_manifest
-from pipeline.cluster import check_shared_storage, max_node_resource
-from pipeline.ray_runner import RayOptions, TaskOutcome, create_progress_counter, init_ray, lookup_progress_counter, run_tasks
+from pipeline.ray_runner import RayOptions, TaskOutcome, lookup_progress_counter
 from pipeline.worker_pool import WorkerStartError
 from pipeline.region_shards import RegionShard
+from pipeline.stage_pool import PoolSize, run_stage_workers
 
 logger = logging.getLogger(__name__)
 
@@ -444,55 +443,24 @@ def _scene_graph(
 
 def _run_workers(options: GraphsOptions, settings: GraphWorkerSettings, tasks: list[GraphTask],
                  stage_dir: Path) -> list[TaskOutcome]:
-    init_ray(options.ray.address)
-    check_shared_storage(stage_dir)
-    workers, cpus, gpus = _size_pool(options, bool(settings.relations), len(tasks))
-    settings.torch_threads = max(1, int(cpus))
-    progress, progress_name = create_progress_counter()
-    # No Ray restarts: run_tasks replaces a dead worker with a fresh actor on any node.
-    actor_class = ray.remote(GraphWorker).options(num_cpus=cpus, num_gpus=gpus, memory=options.ray.memory_per_worker,
-                                                  max_restarts=0, max_task_retries=0)
+    def worker_args(size: PoolSize, progress_name: str) -> tuple:
+        settings.torch_threads = max(1, int(size.cpus))
+        return settings, progress_name
 
-    def start_worker() -> Any:
-        return actor_class.remote(settings, progress_name)
-
-    logger.info("%d graph workers requested with %s CPUs and %s GPUs each", workers, cpus, gpus)
+    # A GPU only serves the relation predictor.
+    # NOTE: only CPU workers have been run; the predictor on a CUDA worker is untested.
+    device = options.device if settings.relations else None
     try:
-        return run_tasks(
-            [start_worker() for _ in range(workers)], tasks,
-            submit=lambda actor, task: actor.process_shard.remote(task),
-            key=lambda task: task.shard_index,
-            progress=progress,
+        return run_stage_workers(
+            GraphWorker, worker_args, tasks,
+            options=options.ray,
+            stage_dir=stage_dir,
+            device=device,
             total_items=sum(len(task.image_ids) for task in tasks),
             description="graphs",
-            max_retries=options.ray.max_retries,
-            ready=lambda actor: actor.describe.remote(),
-            replace=start_worker,
-            start_timeout_s=options.ray.start_timeout_s,
         )
     except WorkerStartError as error:
         raise GraphsError(f"no graph worker could start: {error}") from None
-
-
-def _size_pool(options: GraphsOptions, uses_predictor: bool, num_tasks: int) -> tuple[int, float, float]:
-    """Return (workers, CPUs per worker, GPUs per worker); a GPU only serves the relation predictor."""
-    # NOTE: only CPU workers have been run; the predictor on a CUDA worker is untested.
-    resources = ray.cluster_resources()
-    total_cpus = max(1, int(resources.get("CPU", 1)))
-    total_gpus = int(resources.get("GPU", 0))
-    gpus = options.ray.gpus_per_worker
-    device = options.device
-    if gpus == 0 and uses_predictor and (device.startswith("cuda") or (device == "auto" and total_gpus > 0)):
-        gpus = 1.0
-    if options.ray.workers:
-        workers = options.ray.workers
-    elif gpus > 0:
-        workers = max(1, min(num_tasks, int(total_gpus / gpus)))
-    else:
-        workers = max(1, min(num_tasks, total_cpus))
-    node_cpus = max(1, int(max_node_resource("CPU")))
-    cpus = options.ray.cpus_per_worker or max(1, min(node_cpus, total_cpus // workers))
-    return workers, float(cpus), float(gpus)
 
 
 def _summarise(stage_dir: Path, num_shards: int, reused: int, outcomes: list[TaskOutcome],
