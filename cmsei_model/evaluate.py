@@ -79,31 +79,7 @@ def image_to_text_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> 
         ValueError: for an invalid shape or non-finite values.
     """
     scores = _validate_similarity(similarity, captions_per_image)
-    n_images, n_captions = scores.shape
-    ranks = np.empty(n_images, dtype=np.int64)
-    column_index = np.arange(n_captions)
-    block = max(1, _COMPARISON_BLOCK // n_captions)
-
-    for start in range(0, n_images, block):
-        rows = scores[start : start + block]
-        image_index = np.arange(start, start + rows.shape[0])
-        first_column = image_index * captions_per_image
-        positive_scores = np.stack(
-            [rows[np.arange(rows.shape[0]), first_column + offset] for offset in range(captions_per_image)],
-            axis=1,
-        )
-
-        # The best-ranked caption has the highest score and, among equal scores, the highest
-        # column, because ties put higher columns first.
-        last_best = captions_per_image - 1 - np.argmax(positive_scores[:, ::-1], axis=1)
-        best_column = first_column + last_best
-        best_score = positive_scores.max(axis=1)
-
-        higher = rows > best_score[:, None]
-        tied_before = (rows == best_score[:, None]) & (column_index[None, :] > best_column[:, None])
-        ranks[start : start + rows.shape[0]] = higher.sum(axis=1) + tied_before.sum(axis=1)
-
-    return ranks
+    return image_to_text_ranks_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
 
 
 def text_to_image_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
@@ -120,24 +96,7 @@ def text_to_image_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> 
         ValueError: for an invalid shape or non-finite values.
     """
     scores = _validate_similarity(similarity, captions_per_image)
-    n_images, n_captions = scores.shape
-    ranks = np.empty(n_captions, dtype=np.int64)
-    image_index = np.arange(n_images)
-    block = max(1, _COMPARISON_BLOCK // n_images)
-
-    for start in range(0, n_captions, block):
-        columns = scores[:, start : start + block]
-        caption_index = np.arange(start, start + columns.shape[1])
-        target_image = caption_index // captions_per_image
-        target_scores = columns[target_image, np.arange(columns.shape[1])]
-
-        higher = columns > target_scores[None, :]
-        tied_before = (columns == target_scores[None, :]) & (
-            image_index[:, None] > target_image[None, :]
-        )
-        ranks[start : start + columns.shape[1]] = higher.sum(axis=0) + tied_before.sum(axis=0)
-
-    return ranks
+    return text_to_image_ranks_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
 
 
 def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -163,17 +122,8 @@ def recall_metrics(similarity: np.ndarray, captions_per_image: int = 5) -> dict[
         ValueError: when `similarity` is not 2-D, its column count is not
             n_images * captions_per_image, or it contains NaN or infinite values.
     """
-    i2t = _rank_summary(image_to_text_ranks(similarity, captions_per_image), "i2t")
-    t2i = _rank_summary(text_to_image_ranks(similarity, captions_per_image), "t2i")
-
-    metrics = {f"i2t_r{k}": i2t[f"i2t_r{k}"] for k in RECALL_KS}
-    metrics.update({f"t2i_r{k}": t2i[f"t2i_r{k}"] for k in RECALL_KS})
-    metrics["rsum"] = sum(metrics.values())
-    for name in ("i2t_medr", "i2t_meanr"):
-        metrics[name] = i2t[name]
-    for name in ("t2i_medr", "t2i_meanr"):
-        metrics[name] = t2i[name]
-    return metrics
+    scores = _validate_similarity(similarity, captions_per_image)
+    return recall_metrics_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
 
 
 def _validate_caption_images(similarity: np.ndarray, caption_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -37,13 +39,31 @@ from cmsei_model.text_encoder import TextEncoder
 logger = logging.getLogger(__name__)
 
 
-def _apply(tensor: torch.Tensor | None, function) -> torch.Tensor | None:
-    """Return `function(tensor)`, or None for an absent optional tensor."""
-    return None if tensor is None else function(tensor)
+class _TensorFields:
+    """Slicing, device moves and detaching for a dataclass whose fields are tensors or None."""
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Self:
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values[field.name] = None if value is None else function(value)
+        return type(self)(**values)
+
+    def slice(self, start: int, stop: int) -> Self:
+        """Return items [start, stop) as views."""
+        return self._map(lambda tensor: tensor[start:stop])
+
+    def to(self, device: torch.device | str) -> Self:
+        """Return a copy on `device`."""
+        return self._map(lambda tensor: tensor.to(device))
+
+    def detach(self) -> Self:
+        """Return a copy cut from the autograd graph."""
+        return self._map(torch.Tensor.detach)
 
 
 @dataclass
-class ImageEmbedding:
+class ImageEmbedding(_TensorFields):
     """Encoded images.
 
     Attributes:
@@ -62,29 +82,9 @@ class ImageEmbedding:
     def __len__(self) -> int:
         return self.regions.shape[0]
 
-    def _map(self, function) -> ImageEmbedding:
-        return ImageEmbedding(
-            function(self.regions),
-            function(self.region_mask),
-            function(self.image_vector),
-            _apply(self.fusion_terms, function),
-        )
-
-    def slice(self, start: int, stop: int) -> ImageEmbedding:
-        """Return images [start, stop) as views."""
-        return self._map(lambda tensor: tensor[start:stop])
-
-    def to(self, device: torch.device | str) -> ImageEmbedding:
-        """Return a copy on `device`."""
-        return self._map(lambda tensor: tensor.to(device))
-
-    def detach(self) -> ImageEmbedding:
-        """Return a copy cut from the autograd graph."""
-        return self._map(torch.Tensor.detach)
-
 
 @dataclass
-class CaptionEmbedding:
+class CaptionEmbedding(_TensorFields):
     """Encoded captions.
 
     Attributes:
@@ -105,27 +105,6 @@ class CaptionEmbedding:
 
     def __len__(self) -> int:
         return self.words.shape[0]
-
-    def _map(self, function) -> CaptionEmbedding:
-        return CaptionEmbedding(
-            function(self.words),
-            function(self.word_mask),
-            function(self.sentence),
-            _apply(self.fusion_terms, function),
-            _apply(self.guidance, function),
-        )
-
-    def slice(self, start: int, stop: int) -> CaptionEmbedding:
-        """Return captions [start, stop) as views."""
-        return self._map(lambda tensor: tensor[start:stop])
-
-    def to(self, device: torch.device | str) -> CaptionEmbedding:
-        """Return a copy on `device`."""
-        return self._map(lambda tensor: tensor.to(device))
-
-    def detach(self) -> CaptionEmbedding:
-        """Return a copy cut from the autograd graph."""
-        return self._map(torch.Tensor.detach)
 
 
 def _require_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...]) -> None:
