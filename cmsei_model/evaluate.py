@@ -37,8 +37,12 @@ _CPU_CHUNK_BYTES = 12 * 1024 * 1024
 SimilarityBlockFn = Callable[[slice, slice], np.ndarray]
 
 
-def _validate_similarity(similarity: np.ndarray, captions_per_image: int) -> np.ndarray:
-    """Return `similarity` as an array after checking its shape and values."""
+def _fixed_count_owners(similarity: np.ndarray, captions_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return `similarity` as an array and its caption-to-image map, c // captions_per_image.
+
+    Checks only what the fixed caption count adds: the count itself and the column count. The
+    `*_by_image` functions that receive the map check the dtype and the values.
+    """
     if not isinstance(captions_per_image, (int, np.integer)) or captions_per_image < 1:
         raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
 
@@ -57,12 +61,7 @@ def _validate_similarity(similarity: np.ndarray, captions_per_image: int) -> np.
             f"{captions_per_image} captions each need {n_images * captions_per_image} columns; "
             f"pass captions in image order, exactly {captions_per_image} per image"
         )
-    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
-        raise ValueError(f"similarity must contain real numbers, got dtype {scores.dtype}")
-    if not np.isfinite(scores).all():
-        bad = np.argwhere(~np.isfinite(scores))[:5].tolist()
-        raise ValueError(f"similarity contains NaN or infinite values, first at (row, column) {bad}")
-    return scores
+    return scores, np.arange(n_captions) // captions_per_image
 
 
 def image_to_text_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
@@ -78,8 +77,7 @@ def image_to_text_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> 
     Raises:
         ValueError: for an invalid shape or non-finite values.
     """
-    scores = _validate_similarity(similarity, captions_per_image)
-    return image_to_text_ranks_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
+    return image_to_text_ranks_by_image(*_fixed_count_owners(similarity, captions_per_image))
 
 
 def text_to_image_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
@@ -95,8 +93,7 @@ def text_to_image_ranks(similarity: np.ndarray, captions_per_image: int = 5) -> 
     Raises:
         ValueError: for an invalid shape or non-finite values.
     """
-    scores = _validate_similarity(similarity, captions_per_image)
-    return text_to_image_ranks_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
+    return text_to_image_ranks_by_image(*_fixed_count_owners(similarity, captions_per_image))
 
 
 def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -122,8 +119,7 @@ def recall_metrics(similarity: np.ndarray, captions_per_image: int = 5) -> dict[
         ValueError: when `similarity` is not 2-D, its column count is not
             n_images * captions_per_image, or it contains NaN or infinite values.
     """
-    scores = _validate_similarity(similarity, captions_per_image)
-    return recall_metrics_by_image(scores, np.arange(scores.shape[1]) // captions_per_image)
+    return recall_metrics_by_image(*_fixed_count_owners(similarity, captions_per_image))
 
 
 def _validate_caption_images(similarity: np.ndarray, caption_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
