@@ -18,10 +18,11 @@ keeps the activations of at most `max_pairs_per_chunk` pairs at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,8 @@ from cmsei_model.evaluate import recall_metrics_by_image, similarity_matrix
 from cmsei_model.model import CMSEI, CaptionEmbedding, ImageEmbedding
 
 logger = logging.getLogger(__name__)
+
+EmbeddingT = TypeVar("EmbeddingT", ImageEmbedding, CaptionEmbedding)
 
 PROTOCOLS = ("1k", "5k", "coco-5fold")
 COCO_FOLDS = 5
@@ -107,9 +110,9 @@ def encode_split(
     caption_images = caption_images[order]
 
     image_loader = _loader(ImageDataset(reader, images), collate_images, batch_size, loader_workers, device)
-    image_embedding = _encode_images(model, image_loader, len(images), device, autocast_dtype)
+    image_embedding = _encode_images(model, image_loader, device, autocast_dtype)
     caption_loader = _loader(CaptionDataset(reader, pairs), collate_captions, batch_size, loader_workers, device)
-    caption_embedding = _encode_captions(model, caption_loader, len(pairs), device, autocast_dtype)
+    caption_embedding = _encode_captions(model, caption_loader, device, autocast_dtype)
 
     seconds = time.perf_counter() - started
     logger.info("encoded %d images and %d captions in %.1f s", len(images), len(pairs), seconds)
@@ -128,7 +131,7 @@ def _loader(dataset: Any, collate: Any, batch_size: int, workers: int, device: t
 
 
 def _encode_images(
-    model: CMSEI, loader: DataLoader, count: int, device: torch.device, autocast_dtype: torch.dtype | None
+    model: CMSEI, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> ImageEmbedding:
     blocks: list[ImageEmbedding] = []
     for batch in loader:
@@ -136,23 +139,11 @@ def _encode_images(
             encoded = model.encode_images(**batch.to(device, non_blocking=True).as_kwargs())
         blocks.append(ImageEmbedding(encoded.regions.float().cpu(), encoded.region_mask.cpu(),
                                      encoded.image_vector.float().cpu()))
-    k = max(block.regions.shape[1] for block in blocks)
-    d = blocks[0].regions.shape[2]
-    regions = torch.zeros(count, k, d)
-    region_mask = torch.zeros(count, k, dtype=torch.bool)
-    image_vector = torch.zeros(count, d)
-    start = 0
-    for block in blocks:
-        stop = start + len(block)
-        regions[start:stop, : block.regions.shape[1]] = block.regions
-        region_mask[start:stop, : block.regions.shape[1]] = block.region_mask
-        image_vector[start:stop] = block.image_vector
-        start = stop
-    return ImageEmbedding(regions, region_mask, image_vector)
+    return _concat_padded(blocks)
 
 
 def _encode_captions(
-    model: CMSEI, loader: DataLoader, count: int, device: torch.device, autocast_dtype: torch.dtype | None
+    model: CMSEI, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> CaptionEmbedding:
     blocks: list[CaptionEmbedding] = []
     for batch in loader:
@@ -160,19 +151,30 @@ def _encode_captions(
             encoded = model.encode_captions(batch.token_ids.to(device), batch.lengths.to(device))
         blocks.append(CaptionEmbedding(encoded.words.float().cpu(), encoded.word_mask.cpu(),
                                        encoded.sentence.float().cpu()))
-    n = max(block.words.shape[1] for block in blocks)
-    d = blocks[0].words.shape[2]
-    words = torch.zeros(count, n, d)
-    word_mask = torch.zeros(count, n, dtype=torch.bool)
-    sentence = torch.zeros(count, d)
-    start = 0
-    for block in blocks:
-        stop = start + len(block)
-        words[start:stop, : block.words.shape[1]] = block.words
-        word_mask[start:stop, : block.words.shape[1]] = block.word_mask
-        sentence[start:stop] = block.sentence
-        start = stop
-    return CaptionEmbedding(words, word_mask, sentence)
+    return _concat_padded(blocks)
+
+
+def _concat_padded(blocks: list[EmbeddingT]) -> EmbeddingT:
+    """Concatenate embedding blocks along dim 0, zero-padding the other dims to their largest size.
+
+    Batches pad regions and words to their own longest item, so k and n differ between
+    blocks. Fields whose other dims agree (the image and sentence vectors) need no padding.
+    """
+    values = {}
+    for field in dataclasses.fields(blocks[0]):
+        parts = [getattr(block, field.name) for block in blocks]
+        if parts[0] is None:
+            values[field.name] = None
+            continue
+
+        trailing = [max(part.shape[dim] for part in parts) for dim in range(1, parts[0].dim())]
+        merged = parts[0].new_zeros([sum(len(part) for part in parts), *trailing])
+        start = 0
+        for part in parts:
+            merged[(slice(start, start + len(part)), *(slice(0, size) for size in part.shape[1:]))] = part
+            start += len(part)
+        values[field.name] = merged
+    return type(blocks[0])(**values)
 
 
 @dataclass
